@@ -1,0 +1,1 @@
+"""The hospital side: data checks, preprocessing, local training, signatures."""

@@ -1,0 +1,1 @@
+"""The operator side: orchestration, aggregation, fusion, evaluation, run record."""

@@ -1,0 +1,1 @@
+"""Code both sites and the server import; importable without Flower."""

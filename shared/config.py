@@ -1,0 +1,311 @@
+"""The run configuration: one pydantic schema for every YAML file in ``configs/``.
+
+A wrong key or value fails before any work starts, with a message naming the key (as a dotted
+path), the bad value and what is allowed::
+
+    >>> from shared.config import load_config
+    >>> cfg = load_config("configs/demo.yaml")
+    >>> cfg.preprocess.slice_size
+    64
+
+Keys in YAML are snake_case. Every section has defaults, so a site file may hold only what it
+changes (``data.sequences: [t2w]`` for a site with T2W only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+SEQUENCES: tuple[str, ...] = ("t2w", "dwi", "ce_t1w", "adc")
+TIMEPOINTS: tuple[str, ...] = ("pre", "post")
+
+Sequence = Literal["t2w", "dwi", "ce_t1w", "adc"]
+Timepoint = Literal["pre", "post"]
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing, unreadable or does not match the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Section):
+    """Which inputs a site must provide (the site data contract is in ``shared.cohort``)."""
+
+    sequences: list[Sequence] = Field(default_factory=lambda: ["t2w", "dwi", "ce_t1w"], min_length=1)
+    timepoints: list[Timepoint] = Field(default_factory=lambda: ["pre", "post"], min_length=1)
+    label: Literal["response", "trg"] = "response"
+    """Column used as the outcome. ``trg`` is mapped to response = TRG 0-1 (good) vs 2-3 (poor)."""
+    require_masks: bool = False
+    """If true, a volume without a reference mask is an error; otherwise a warning."""
+    mask_fallback: list[Sequence] = Field(default_factory=lambda: ["t2w", "ce_t1w", "dwi", "adc"])
+    """Order in which another sequence's mask of the same timepoint may serve a volume without its own."""
+
+    @field_validator("sequences", "timepoints")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"entries must be unique, got {v}")
+        return v
+
+
+class CheckConfig(_Section):
+    """Tolerances of the site integrity check (``rectalfl site check``)."""
+
+    geometry_tolerance: float = Field(1e-3, gt=0, description="relative tolerance on spacing/origin/direction")
+    spacing_min_mm: float = Field(0.1, gt=0)
+    spacing_max_mm: float = Field(10.0, gt=0)
+    min_mask_voxels: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> CheckConfig:
+        if self.spacing_min_mm >= self.spacing_max_mm:
+            raise ValueError(
+                f"spacing_min_mm ({self.spacing_min_mm}) must be below spacing_max_mm ({self.spacing_max_mm})"
+            )
+        return self
+
+
+class N4Config(_Section):
+    enabled: bool = True
+    shrink_factor: int = Field(4, ge=1, le=16, description="fit the bias field on an image shrunk by this factor")
+    iterations: list[int] = Field(default_factory=lambda: [50, 40, 30], min_length=1)
+    """Maximum iterations per fitting level (one entry per level)."""
+    convergence_threshold: float = Field(1e-4, gt=0)
+
+
+class DenoiseConfig(_Section):
+    method: Literal["none", "curvature_flow", "anisotropic"] = "none"
+    iterations: int = Field(5, ge=1, le=100)
+    time_step: float = Field(0.0625, gt=0, le=0.125)
+
+
+class PreprocessConfig(_Section):
+    n4: N4Config = Field(default_factory=N4Config)
+    denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    bins: int = Field(64, ge=2, le=256, description="grey levels after discretisation (0-255 range kept)")
+    spacing_mm: tuple[float, float, float] | None = None
+    """Resample every volume to this (x, y, z) spacing before slice extraction; null keeps the native grid."""
+    slice_size: int = Field(64, ge=16, le=1024)
+    crop_margin: float = Field(0.5, ge=0.0, le=5.0)
+    """Context around the tumour's bounding box, as a fraction of its larger side."""
+    min_crop_mm: float = Field(40.0, gt=0)
+    """The crop box is at least this wide (mm), so small tumours keep their surroundings."""
+    workers: int = Field(1, ge=1, le=64)
+
+    @field_validator("clip_percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not (0.0 <= lo < hi <= 100.0):
+            raise ValueError(f"need 0 <= low < high <= 100, got {list(v)}")
+        return v
+
+
+class SiteSpec(_Section):
+    """One synthetic site's size and character."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    patients: int = Field(ge=4, le=5000)
+    prevalence: float = Field(0.35, gt=0.0, lt=1.0)
+    """Fraction of good responders (TRG 0-1)."""
+    scanner: Literal["siemens_like", "ge_like", "philips_like", "legacy_1p5t"] = "siemens_like"
+    external: bool = False
+    """An external site never trains; it only validates the final models."""
+
+
+class SynthConfig(_Section):
+    """The built-in synthetic multi-centre cohort (``rectalfl synth``)."""
+
+    sites: list[SiteSpec] = Field(
+        default_factory=lambda: [
+            SiteSpec(name="site_a", patients=40, prevalence=0.40, scanner="siemens_like"),
+            SiteSpec(name="site_b", patients=32, prevalence=0.30, scanner="ge_like"),
+            SiteSpec(name="site_c", patients=24, prevalence=0.25, scanner="philips_like"),
+            SiteSpec(name="external", patients=24, prevalence=0.35, scanner="legacy_1p5t", external=True),
+        ],
+        min_length=1,
+    )
+    shape: tuple[int, int, int] = (96, 96, 12)
+    """Volume size (x, y, z) in voxels at the reference 0.7 x 0.7 x 4 mm grid."""
+    signal: float = Field(1.0, ge=0.0, le=5.0)
+    """Strength of the response signal in the images (0 = images carry no information)."""
+    missing_mask_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    second_rater_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    dicom_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of cases written as DICOM series folders instead of NIfTI."""
+    include_adc: bool = False
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_names(cls, v: list[SiteSpec]) -> list[SiteSpec]:
+        names = [s.name for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"site names must be unique, got {names}")
+        return v
+
+
+class SplitConfig(_Section):
+    scheme: Literal["8:1:1", "7:3"] = "8:1:1"
+    """Patient-level stratified split per site: train/val/test 8:1:1, or train/test 7:3."""
+    cv_folds: int = Field(5, ge=2, le=20)
+
+
+class TrainConfig(_Section):
+    backbone: str = "densenet121"
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1, le=4096)
+    local_epochs: int = Field(1, ge=1)
+    class_weighting: bool = True
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    hflip: bool = True
+    device: str = "auto"
+    """``auto`` picks CUDA when available, else CPU; or ``cpu``, ``cuda``, ``cuda:1``..."""
+
+
+class FederationConfig(_Section):
+    mode: Literal["federated", "pooled", "local"] = "federated"
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    rounds: int = Field(5, ge=1, le=10000)
+    min_sites: int = Field(2, ge=1)
+    proximal_mu: float = Field(0.01, ge=0)
+    server_lr: float = Field(0.01, gt=0)
+
+
+class PrivacyConfig(_Section):
+    min_cell_count: int = Field(5, ge=1, description="disclosure control: smallest count a summary may describe")
+    dp: bool = False
+    dp_noise_multiplier: float = Field(1.0, gt=0)
+    dp_max_grad_norm: float = Field(1.0, gt=0)
+
+
+class RectalFLConfig(_Section):
+    """The whole configuration of a run, a site or a server."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(42, ge=0)
+    data_root: Path = Path("data/synthetic")
+    """Folder holding one sub-folder per site (the synthetic cohort, or a simulation's site dirs)."""
+    cache_root: Path = Path("data/cache")
+    runs_root: Path = Path("runs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    def digest(self) -> str:
+        """Short hash of the resolved config (stored with models and the run record)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        value = e.get("input")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _resolve_model(e["loc"][:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "literal_error":
+            msg = f"not allowed; {msg.replace('Input should be', 'allowed values:')}"
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {key} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = RectalFLConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        sub = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> RectalFLConfig:
+    """Validate a mapping against the schema.
+
+    Raises
+    ------
+    ConfigError
+        Naming each bad key as a dotted path, its value and what is allowed.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return RectalFLConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RectalFLConfig:
+    """Read a YAML config file (or the defaults when ``path`` is None) and validate it.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        YAML file. ``None`` gives the schema defaults.
+    overrides : dict, optional
+        Dotted keys to set after reading, e.g. ``{"federation.rounds": 2}``.
+    """
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return parse_config(data, source)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+    node[parts[-1]] = value

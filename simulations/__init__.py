@@ -1,0 +1,1 @@
+"""Synthetic multi-centre cohort, simulation scenarios and benchmarks."""
