@@ -185,6 +185,10 @@ class FederationConfig(_Section):
     min_sites: int = Field(2, ge=1)
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float = Field(0.01, gt=0)
+    external_sites: list[str] = Field(default_factory=list)
+    """Sites that never train and only validate the final models (the synthetic cohort marks its own)."""
+    round_timeout_s: float = Field(3600.0, gt=0)
+    """How long the server waits for a round's replies before treating silent sites as dropped."""
 
 
 class PrivacyConfig(_Section):

@@ -1,0 +1,329 @@
+"""Local training of the response backbones: plain functions, testable without Flower.
+
+One backbone per signature key ``<timepoint>_<sequence>`` (``pre_t2w``, ``post_dwi``, ...), each
+trained on the preprocessed largest-tumour slices of the site's training split:
+
+- input: the cached uint8 slice scaled to [0, 1], shape ``(B, 1, S, S)``;
+- augmentation: random resized crop (scale 0.8-1.0, ratio 0.9-1.1) back to ``S x S`` and a
+  horizontal flip, per sample, from a seeded generator;
+- loss: binary cross-entropy on one logit, optionally class-weighted (``pos_weight = n_neg / n_pos``),
+  plus the FedProx proximal term ``mu/2 * ||w - w_global||^2`` when ``mu > 0``;
+- optimiser: SGD (lr 0.01, momentum 0.9, batch 32 by default).
+
+Everything is deterministic given the seed on CPU: the seed of a local update is derived from
+(run seed, site, backbone, round), so a resumed run replays the same updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.config import RectalFLConfig, TrainConfig
+from shared.models import build_model
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def signature_keys(cfg: RectalFLConfig) -> list[str]:
+    """The backbones a run trains: every configured timepoint x sequence, e.g. ``pre_t2w``."""
+    return [f"{tp}_{seq}" for tp in cfg.data.timepoints for seq in cfg.data.sequences]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {name!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+    return dev
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def assign_splits(labels: pd.Series, scheme: str = "8:1:1", seed: int = 42, site: str = "") -> pd.Series:
+    """Patient-level stratified split, seeded per site.
+
+    Parameters
+    ----------
+    labels : Series of shape (n_patients,)
+        0/1 outcome indexed by patient_id.
+    scheme : {"8:1:1", "7:3"}
+        train/val/test or train/test fractions.
+
+    Returns
+    -------
+    Series of shape (n_patients,)
+        ``"train"``, ``"val"`` or ``"test"`` per patient_id (same index as ``labels``).
+    """
+    fractions = {"8:1:1": (0.8, 0.1, 0.1), "7:3": (0.7, 0.0, 0.3)}.get(scheme)
+    if fractions is None:
+        raise ValueError(f"unknown split scheme {scheme!r}; use '8:1:1' or '7:3'")
+    rng = np.random.default_rng(stable_seed(seed, "split", site))
+    out = pd.Series("train", index=labels.index, dtype=object)
+    for cls in sorted(labels.dropna().unique()):
+        ids = np.array(sorted(labels.index[labels == cls]))
+        rng.shuffle(ids)
+        n = len(ids)
+        n_test = int(round(n * fractions[2]))
+        n_val = int(round(n * fractions[1]))
+        if n >= 3 and fractions[2] > 0:
+            n_test = max(n_test, 1)
+        if n >= 5 and fractions[1] > 0:
+            n_val = max(n_val, 1)
+        out.loc[ids[:n_test]] = "test"
+        out.loc[ids[n_test:n_test + n_val]] = "val"
+    return out
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class SliceSet:
+    """The slices of one backbone at one site.
+
+    Attributes
+    ----------
+    x : ndarray of shape (n, 1, S, S), float32 in [0, 1]
+    y : ndarray of shape (n,), float32 0/1
+    patient_ids : list of str, length n
+    split : ndarray of shape (n,), the split of each patient
+    """
+
+    key: str
+    x: np.ndarray
+    y: np.ndarray
+    patient_ids: list[str]
+    split: np.ndarray
+
+    def subset(self, splits: Iterable[str]) -> SliceSet:
+        m = np.isin(self.split, list(splits))
+        return SliceSet(self.key, self.x[m], self.y[m], [p for p, k in zip(self.patient_ids, m, strict=True) if k],
+                        self.split[m])
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def load_slice_sets(cache_dir: Path, labels: pd.Series, splits: pd.Series, keys: list[str]) -> dict[str, SliceSet]:
+    """Read the preprocessed slices of every backbone from a site's cache.
+
+    Volumes whose manifest status is not ``ok`` and patients without a label are left out here
+    (the manifest and the site check already record why); the counts are logged.
+    """
+    from client.preprocess import load_manifest, load_slice
+
+    manifest = load_manifest(cache_dir)
+    sets: dict[str, SliceSet] = {}
+    for key in keys:
+        tp, seq = key.split("_", 1)
+        rows = manifest[(manifest["timepoint"] == tp) & (manifest["sequence"] == seq)]
+        ok = rows[rows["status"] == "ok"]
+        xs, ys, ids, sp = [], [], [], []
+        for pid in sorted(ok["patient_id"].astype(str)):
+            if pid not in labels.index or pd.isna(labels.loc[pid]):
+                continue
+            img, _ = load_slice(cache_dir, pid, tp, seq)
+            xs.append(img.astype(np.float32)[None] / 255.0)
+            ys.append(float(labels.loc[pid]))
+            ids.append(pid)
+            sp.append(splits.loc[pid])
+        skipped = len(rows) - len(ok)
+        if skipped:
+            logger.info("%s: %d volume(s) not usable in the cache (status != ok)", key, skipped)
+        size = _slice_size(manifest, cache_dir)
+        sets[key] = SliceSet(
+            key,
+            np.stack(xs).astype(np.float32) if xs else np.zeros((0, 1, size, size), np.float32),
+            np.asarray(ys, np.float32),
+            ids,
+            np.asarray(sp, dtype=object),
+        )
+    return sets
+
+
+def _slice_size(manifest: pd.DataFrame, cache_dir: Path) -> int:
+    from client.preprocess import load_slice
+
+    ok = manifest[manifest["status"] == "ok"]
+    if ok.empty:
+        return 1
+    r = ok.iloc[0]
+    img, _ = load_slice(cache_dir, str(r["patient_id"]), r["timepoint"], r["sequence"])
+    return int(img.shape[0])
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+                        gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random resized crop back to the input size.
+
+    Parameters
+    ----------
+    x : Tensor of shape (B, C, H, W)
+    scale : (min, max) fraction of the image area kept
+    ratio : (min, max) aspect ratio (w / h) of the crop
+    """
+    b, _, h, w = x.shape
+    out = torch.empty_like(x)
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for i in range(b):
+        for _ in range(10):
+            area = h * w * float(torch.empty(1).uniform_(scale[0], scale[1], generator=gen))
+            r = math.exp(float(torch.empty(1).uniform_(log_r[0], log_r[1], generator=gen)))
+            cw, ch = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            cw, ch = w, h
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        crop = x[i: i + 1, :, top: top + ch, left: left + cw]
+        out[i] = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+    return out
+
+
+def augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    x = random_resized_crop(x, cfg.crop_scale, cfg.crop_ratio, gen)
+    if cfg.hflip:
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], torch.flip(x, dims=[3]), x)
+    return x
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainStats:
+    n_examples: int
+    steps: int
+    loss_first_epoch: float
+    loss_last_epoch: float
+    seconds: float
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs: int, seed: int,
+                   device: torch.device | None = None, global_state: dict[str, torch.Tensor] | None = None,
+                   proximal_mu: float = 0.0) -> TrainStats:
+    """Train ``model`` in place on ``data`` for ``epochs`` local epochs.
+
+    Parameters
+    ----------
+    global_state : dict, optional
+        The round's global weights; with ``proximal_mu > 0`` adds the FedProx term.
+    """
+    device = device or torch.device("cpu")
+    t0 = time.perf_counter()
+    n = len(data)
+    if n == 0:
+        return TrainStats(0, 0, float("nan"), float("nan"), 0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    pos = float(data.y.sum())
+    neg = n - pos
+    pos_weight = torch.tensor([neg / pos if (cfg.class_weighting and pos > 0 and neg > 0) else 1.0], device=device)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    anchors = None
+    if proximal_mu > 0 and global_state is not None:
+        anchors = {k: v.detach().to(device) for k, v in global_state.items()}
+    x_all = torch.from_numpy(data.x)
+    y_all = torch.from_numpy(data.y)
+    losses: list[float] = []
+    steps = 0
+    bs = cfg.batch_size
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, n, bs):
+            idx = perm[start: start + bs]
+            if len(idx) < 2 and n >= 2:  # BatchNorm needs 2 samples; fold a lone sample into the epoch end
+                continue
+            xb = augment(x_all[idx], cfg, gen).to(device)
+            yb = y_all[idx].to(device)
+            logits = model(xb).reshape(-1)
+            loss = loss_fn(logits, yb)
+            if anchors is not None:
+                prox = sum(((p - anchors[name]) ** 2).sum() for name, p in model.named_parameters())
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        losses.append(total / max(count, 1))
+    model.to("cpu")
+    return TrainStats(n, steps, losses[0], losses[-1], time.perf_counter() - t0, losses)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: SliceSet, *, device: torch.device | None = None, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of a good response, shape ``(n,)``."""
+    device = device or torch.device("cpu")
+    if len(data) == 0:
+        return np.zeros(0, np.float64)
+    model.to(device).eval()
+    out = []
+    x = torch.from_numpy(data.x)
+    for start in range(0, len(data), batch_size):
+        out.append(torch.sigmoid(model(x[start: start + batch_size].to(device)).reshape(-1)).cpu())
+    model.to("cpu")
+    return torch.cat(out).double().numpy()
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, data: SliceSet, device: torch.device | None = None) -> float:
+    """Unweighted BCE of the model on ``data`` without augmentation (for monitoring)."""
+    if len(data) == 0:
+        return float("nan")
+    p = np.clip(predict(model, data, device=device), 1e-7, 1 - 1e-7)
+    y = data.y.astype(np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+# --------------------------------------------------------------------------- multi-backbone helpers
+
+
+def initial_states(cfg: RectalFLConfig) -> dict[str, OrderedDict[str, torch.Tensor]]:
+    """The same seeded initial weights for every backbone, on any machine."""
+    return {
+        key: OrderedDict(build_model(cfg.train.backbone, cfg.preprocess.slice_size,
+                                     seed=stable_seed(cfg.seed, "init", key)).state_dict())
+        for key in signature_keys(cfg)
+    }
+
+
+def models_from_states(cfg: RectalFLConfig, states: dict[str, OrderedDict[str, torch.Tensor]]) -> dict[str, nn.Module]:
+    models = {}
+    for key, sd in states.items():
+        m = build_model(cfg.train.backbone, cfg.preprocess.slice_size)
+        m.load_state_dict(sd)
+        models[key] = m
+    return models

@@ -1,0 +1,132 @@
+"""Network registry over MONAI: one name -> one 2D single-channel binary classifier (or a U-Net).
+
+Every response backbone takes a batch of slices ``(B, 1, S, S)`` and returns one logit per slice
+``(B, 1)``; the sigmoid of it is the deep-learning signature. ``*_tiny`` variants are the same
+architectures at a fraction of the width, for CPU demos and tests.
+
+    >>> from shared.models import build_model, available_models
+    >>> net = build_model("densenet121", slice_size=256)
+    >>> build_model("densenet12")
+    Traceback (most recent call last):
+    ...
+    KeyError: "unknown network 'densenet12'; available: densenet121, densenet_tiny, ..."
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from monai.networks import nets
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    task: str  # "classification" | "segmentation"
+    description: str
+    factory: Callable[[int], nn.Module]
+
+
+def _densenet121(size: int) -> nn.Module:
+    return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+
+
+def _densenet_tiny(size: int) -> nn.Module:
+    return nets.DenseNet(spatial_dims=2, in_channels=1, out_channels=1, init_features=8, growth_rate=8,
+                         block_config=(2, 2, 2), bn_size=2)
+
+
+def _resnet(depth: int) -> Callable[[int], nn.Module]:
+    def make(size: int) -> nn.Module:
+        factory = {18: nets.resnet18, 34: nets.resnet34, 50: nets.resnet50}[depth]
+        return factory(spatial_dims=2, n_input_channels=1, num_classes=1)
+
+    return make
+
+
+def _resnet_tiny(size: int) -> nn.Module:
+    return nets.ResNet(block="basic", layers=(1, 1, 1, 1), block_inplanes=(8, 16, 32, 64), spatial_dims=2,
+                       n_input_channels=1, num_classes=1)
+
+
+class _ViTClassifier(nn.Module):
+    """MONAI ViT whose classification head returns raw logits ``(B, 1)``."""
+
+    def __init__(self, size: int, hidden: int, mlp: int, layers: int, heads: int, patch: int) -> None:
+        super().__init__()
+        if size % patch:
+            raise ValueError(f"slice_size ({size}) must be a multiple of the ViT patch size ({patch})")
+        self.vit = nets.ViT(in_channels=1, img_size=(size, size), patch_size=(patch, patch), hidden_size=hidden,
+                            mlp_dim=mlp, num_layers=layers, num_heads=heads, classification=True, num_classes=1,
+                            spatial_dims=2, post_activation=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.vit(x)
+        return out
+
+
+def _unet(size: int) -> nn.Module:
+    return nets.UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+                     num_res_units=2)
+
+
+_REGISTRY: dict[str, ModelSpec] = {
+    s.name: s
+    for s in [
+        ModelSpec("densenet121", "classification", "MONAI DenseNet121 (the published backbone)", _densenet121),
+        ModelSpec("densenet_tiny", "classification", "DenseNet, 3 blocks of 2 layers, growth 8 (CPU demo)",
+                  _densenet_tiny),
+        ModelSpec("resnet18", "classification", "MONAI ResNet-18", _resnet(18)),
+        ModelSpec("resnet34", "classification", "MONAI ResNet-34", _resnet(34)),
+        ModelSpec("resnet50", "classification", "MONAI ResNet-50", _resnet(50)),
+        ModelSpec("resnet_tiny", "classification", "ResNet, 1 basic block per stage, widths 8-64 (CPU demo)",
+                  _resnet_tiny),
+        ModelSpec("vit", "classification", "MONAI ViT-B/16 (768 hidden, 12 layers, 12 heads)",
+                  lambda s: _ViTClassifier(s, 768, 3072, 12, 12, 16)),
+        ModelSpec("vit_tiny", "classification", "ViT, 64 hidden, 2 layers, 4 heads, patch 8 (CPU demo)",
+                  lambda s: _ViTClassifier(s, 64, 128, 2, 4, 8)),
+        ModelSpec("unet", "segmentation", "MONAI residual U-Net, 4 levels (tumour segmentation)", _unet),
+    ]
+}
+
+
+def available_models(task: str | None = None) -> list[str]:
+    """Names in the registry, optionally only those of one ``task``."""
+    return [n for n, s in _REGISTRY.items() if task is None or s.task == task]
+
+
+def build_model(name: str, slice_size: int = 64, *, seed: int | None = None) -> nn.Module:
+    """Instantiate a registered network.
+
+    Parameters
+    ----------
+    name : str
+        Registry name, see :func:`available_models`.
+    slice_size : int
+        Side of the square input slices (needed by the ViT's patch grid).
+    seed : int, optional
+        Seeds the initial weights so every site and the server can start from the same model.
+
+    Raises
+    ------
+    KeyError
+        For an unknown name, listing the valid ones.
+    """
+    spec = _REGISTRY.get(name)
+    if spec is None:
+        raise KeyError(f"unknown network {name!r}; available: {', '.join(_REGISTRY)}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return spec.factory(slice_size)
+    return spec.factory(slice_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
