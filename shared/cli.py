@@ -20,7 +20,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from shared.config import ConfigError, RectalFLConfig, load_config
@@ -302,14 +309,35 @@ def demo(
         with progress_bar(f"preprocessing {s['name']}") as cb:
             manifest = preprocess_site(site_dir, Path(cfg.cache_root) / s["name"], cfg, workers=workers, progress=cb)
         _print_manifest_summary(manifest, Path(cfg.cache_root) / s["name"], time.perf_counter() - t0)
-    console.rule("[bold]3/3 federation")
-    try:
-        from server.simulate import run_simulation
-    except ImportError:
-        console.print("[yellow]the federated stages are not installed in this version; stopping after preprocessing[/]")
-        return
-    run_simulation(cfg, console=console)
+    console.rule("[bold]3/3 federation (Flower simulation engine, one virtual SuperNode per site)")
+    from server.simulate import run_simulation
+
+    run_simulation(cfg, console=out, workers=workers, prepare=False)
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config.")] = Path("configs/demo.yaml"),
+    mode: Annotated[str | None, typer.Option(help="Override federation.mode: federated, pooled or local.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override federation.strategy: fedavg, fedprox, fedadam.")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Override federation.rounds.")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where to write the run (default runs/<time>-<name>).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last completed round.")] = None,
+    workers: WorkersOpt = None,
+) -> None:
+    """Run the whole consortium on this machine: cohort, per-site preprocessing, then the Flower federation."""
+    from server.simulate import run_simulation
+
+    overrides = {k: v for k, v in {"federation.mode": mode, "federation.strategy": strategy,
+                                   "federation.rounds": rounds}.items() if v is not None}
+    cfg = _load(config, overrides)
+    try:
+        run_simulation(cfg, run_dir=resume or run_dir, resume=resume is not None, console=out, workers=workers)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    except RuntimeError as exc:
+        _fail(f"{exc}\nthe run record keeps what finished; continue with --resume RUN_DIR")
 
 
 def main() -> None:

@@ -1,0 +1,175 @@
+"""The platform-free client algorithm: what a site does in each stage, with no Flower in sight.
+
+``client.client_app`` only translates Flower messages into calls of :class:`SiteAlgorithm` and its
+results back into records, so the science is testable without a federation and the same object
+serves the simulation engine, the deployment engine and the in-process baselines.
+
+What leaves the site through these methods: model weights, the number of training cases, mean
+losses, and score summaries from :mod:`shared.stats` (class-conditional counts with disclosure
+control). What stays: the slices, labels, per-patient signatures (``<cache>/signatures.csv``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from client.train import (
+    SliceSet,
+    assign_splits,
+    initial_states,
+    load_slice_sets,
+    mean_loss,
+    models_from_states,
+    predict,
+    resolve_device,
+    signature_keys,
+    stable_seed,
+    train_backbone,
+)
+from shared.config import RectalFLConfig
+
+logger = logging.getLogger(__name__)
+
+States = dict[str, OrderedDict[str, torch.Tensor]]
+
+
+@dataclass
+class FitResult:
+    states: States
+    num_examples: int
+    """Training patients at this site (the FedAvg weight)."""
+    metrics: dict[str, float]
+
+
+class SiteAlgorithm:
+    """A site's side of every stage.
+
+    Parameters
+    ----------
+    site : str
+        Site name (appears in the run record; never a patient identifier).
+    site_dir : Path
+        The site's data folder (site data contract).
+    cache_dir : Path
+        The site's preprocessing cache; signatures are written here too.
+    cfg : RectalFLConfig
+        The run's configuration as sent by the server.
+    """
+
+    def __init__(self, site: str, site_dir: Path, cache_dir: Path, cfg: RectalFLConfig, *, device: str | None = None):
+        self.site = site
+        self.site_dir = Path(site_dir)
+        self.cache_dir = Path(cache_dir)
+        self.cfg = cfg
+        self.keys = signature_keys(cfg)
+        self.device = resolve_device(device or cfg.train.device)
+
+    # ------------------------------------------------------------------ data
+    def ensure_cache(self) -> None:
+        """Preprocess the site if its cache is missing or incomplete (resumable, so cheap when done)."""
+        from client.preprocess import preprocess_site
+
+        preprocess_site(self.site_dir, self.cache_dir, self.cfg)
+
+    @cached_property
+    def labels(self) -> pd.Series:
+        from shared.cohort import load_patients
+
+        df = load_patients(self.site_dir, self.cfg)
+        return df.set_index(df["patient_id"].astype(str))["response"]
+
+    @cached_property
+    def splits(self) -> pd.Series:
+        return assign_splits(self.labels.dropna(), self.cfg.split.scheme, self.cfg.seed, self.site)
+
+    @cached_property
+    def data(self) -> dict[str, SliceSet]:
+        manifest = self.cache_dir / "manifest.csv"
+        if not manifest.is_file():
+            self.ensure_cache()
+        return load_slice_sets(self.cache_dir, self.labels, self.splits, self.keys)
+
+    def describe(self) -> dict[str, int]:
+        """Counts only: patients per split (never ids)."""
+        vc = self.splits.value_counts()
+        return {f"patients-{s}": int(vc.get(s, 0)) for s in ("train", "val", "test")}
+
+    # ------------------------------------------------------------------ stages
+    def fit(self, states: States, server_round: int, *, proximal_mu: float = 0.0, epochs: int | None = None) -> FitResult:
+        """One local update of every backbone, starting from the global ``states``."""
+        if self.cfg.privacy.dp:
+            raise NotImplementedError("privacy.dp (Opacus DP-SGD) is not available in this version; set privacy.dp: false")
+        models = models_from_states(self.cfg, states)
+        metrics: dict[str, float] = {}
+        out: States = {}
+        train_ids: set[str] = set()
+        for key in self.keys:
+            data = self.data[key].subset(["train"])
+            train_ids.update(data.patient_ids)
+            stats = train_backbone(
+                models[key], data, self.cfg.train, epochs=epochs or self.cfg.train.local_epochs,
+                seed=stable_seed(self.cfg.seed, "fit", self.site, key, server_round), device=self.device,
+                global_state=states[key] if proximal_mu > 0 else None, proximal_mu=proximal_mu,
+            )
+            out[key] = OrderedDict((k, v.detach().clone()) for k, v in models[key].state_dict().items())
+            metrics[f"{key}/train-loss"] = stats.loss_last_epoch
+            metrics[f"{key}/n"] = float(stats.n_examples)
+            metrics[f"{key}/seconds"] = stats.seconds
+        losses = [v for k, v in metrics.items() if k.endswith("/train-loss") and np.isfinite(v)]
+        metrics["train-loss"] = float(np.mean(losses)) if losses else float("nan")
+        return FitResult(out, len(train_ids), metrics)
+
+    def evaluate_loss(self, states: States, split: str = "val") -> dict[str, float]:
+        """Mean BCE per backbone on one split (aggregate numbers only)."""
+        models = models_from_states(self.cfg, states)
+        res = {}
+        for key in self.keys:
+            data = self.data[key].subset([split])
+            res[f"{key}/{split}-loss"] = mean_loss(models[key], data, self.device)
+            res[f"{key}/{split}-n"] = float(len(data))
+        return res
+
+    def signatures(self, states: States, *, external: bool = False) -> pd.DataFrame:
+        """Every patient's deep-learning signatures, written to ``<cache>/signatures.csv`` (stays on site).
+
+        Returns
+        -------
+        DataFrame of shape (n_patients, 2 + n_keys + n_deltas)
+            patient_id, split (``external`` for an external site), label, one column per
+            backbone, and ``delta_<seq>`` = pre - post where both exist.
+        """
+        models = models_from_states(self.cfg, states)
+        table = pd.DataFrame({"patient_id": self.labels.index.astype(str)}).set_index("patient_id")
+        table["split"] = "external" if external else self.splits.reindex(table.index)
+        table["label"] = self.labels
+        for key in self.keys:
+            data = self.data[key]
+            probs = predict(models[key], data, device=self.device)
+            table[key] = pd.Series(probs, index=pd.Index(data.patient_ids, dtype=object), dtype=float)
+        for seq in self.cfg.data.sequences:
+            if f"pre_{seq}" in table and f"post_{seq}" in table:
+                table[f"delta_{seq}"] = table[f"pre_{seq}"] - table[f"post_{seq}"]
+        table = table.reset_index()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / "signatures.csv.tmp"
+        table.to_csv(tmp, index=False)
+        tmp.replace(self.cache_dir / "signatures.csv")
+        return table
+
+    def load_signatures(self) -> pd.DataFrame:
+        path = self.cache_dir / "signatures.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"site {self.site}: no signatures yet ({path}); the signatures stage must run first")
+        return pd.read_csv(path, dtype={"patient_id": str})
+
+
+def fresh_states(cfg: RectalFLConfig) -> States:
+    return initial_states(cfg)

@@ -1,0 +1,161 @@
+"""Flower ClientApp: a thin adapter from messages to :class:`client.algorithm.SiteAlgorithm`.
+
+Message types it answers (Flower Message API):
+
+``query.describe``
+    site name, role and patient counts per split (numbers only).
+``train``
+    one local update of every backbone from the global weights (one ArrayRecord, prefixed keys);
+    replies with the new weights, ``num-examples`` = the site's true number of training patients,
+    and mean training losses.
+``evaluate.signatures``
+    with the final weights: computes every patient's signatures and keeps them on site
+    (``<cache>/signatures.csv``); replies only with the number of patients.
+``evaluate.stats``
+    answers batched federated-statistics queries (``shared.queries``) on those signatures:
+    counts, histogram cells, placement sums from ``shared.stats``, with disclosure control.
+
+Which site this node is: ``node_config`` keys ``site-name``, ``data-dir``, ``cache-dir`` (and
+optionally ``device``) on the Deployment Engine. On the simulation engine the virtual node's
+``partition-id`` indexes the ``sim-sites`` list the server sends (a simulated consortium on one
+machine); nothing else assumes a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.error import Error
+from flwr.clientapp import ClientApp
+
+from client.algorithm import SiteAlgorithm
+from shared.config import parse_config
+from shared.queries import answer_queries
+from shared.records import (
+    arrays_to_record,
+    pack_json,
+    record_to_arrays,
+    record_to_states,
+    states_to_record,
+    unpack_json,
+)
+
+logger = logging.getLogger(__name__)
+
+app = ClientApp()
+
+_CACHE: dict[tuple[str, str], SiteAlgorithm] = {}
+SITE_ERROR_CODE = 4200
+
+
+def site_identity(node_config: dict, sim_sites: list[dict] | None) -> dict:
+    """Resolve which site this node is, from node_config (deployment) or partition-id (simulation)."""
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"]))
+        return {
+            "name": str(node_config.get("site-name", data_dir.name)),
+            "data_dir": str(data_dir),
+            "cache_dir": str(node_config.get("cache-dir", data_dir / ".rectalfl_cache")),
+            "device": node_config.get("device"),
+        }
+    if sim_sites is not None and "partition-id" in node_config:
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(sim_sites):
+            raise ValueError(f"simulation node partition-id {pid} has no site (the run lists {len(sim_sites)} sites)")
+        return dict(sim_sites[pid])
+    raise ValueError(
+        "this SuperNode does not know its site: start it with --node-config \"site-name='NAME' "
+        "data-dir='/path/to/site' cache-dir='/path/to/cache'\" (see README, 'Real sites')"
+    )
+
+
+def _algorithm(msg: Message, context: Context) -> SiteAlgorithm:
+    conf = msg.content["config"]
+    cfg_yaml = str(conf["rectalfl-config"])
+    sim_sites = unpack_json(str(conf["sim-sites"])) if "sim-sites" in conf else None
+    ident = site_identity(dict(context.node_config), sim_sites)
+    key = (ident["name"], cfg_yaml)
+    if key not in _CACHE:
+        import yaml
+
+        cfg = parse_config(yaml.safe_load(cfg_yaml), source="config sent by the server")
+        _CACHE[key] = SiteAlgorithm(ident["name"], Path(ident["data_dir"]), Path(ident["cache_dir"]), cfg,
+                                    device=ident.get("device"))
+    return _CACHE[key]
+
+
+def _error_reply(msg: Message, site: str | None, exc: BaseException) -> Message:
+    where = f"site {site}" if site else "a site"
+    reason = f"{where} failed: {type(exc).__name__}: {exc}"
+    logger.error("%s\n%s", reason, traceback.format_exc())
+    return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    site = None
+    try:
+        algo = _algorithm(msg, context)
+        site = algo.site
+        info = {"site": algo.site, **algo.describe()}
+        return Message(RecordDict({"site": ConfigRecord({"info": pack_json(info)})}), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the server, named
+        return _error_reply(msg, site, exc)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    site = None
+    try:
+        algo = _algorithm(msg, context)
+        site = algo.site
+        conf = msg.content["config"]
+        states = record_to_states(msg.content["arrays"])
+        res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)))
+        metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
+        content = RecordDict({"arrays": states_to_record(res.states), "metrics": metrics,
+                              "site": ConfigRecord({"name": algo.site})})
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, site, exc)
+
+
+@app.evaluate("signatures")
+def signatures(msg: Message, context: Context) -> Message:
+    """Compute every patient's signatures with the final weights and keep them on site."""
+    site = None
+    try:
+        algo = _algorithm(msg, context)
+        site = algo.site
+        conf = msg.content["config"]
+        states = record_to_states(msg.content["arrays"])
+        table = algo.signatures(states, external=bool(conf.get("external", False)))
+        content = RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))}),
+                              "site": ConfigRecord({"name": algo.site})})
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, site, exc)
+
+
+@app.evaluate("stats")
+def stats(msg: Message, context: Context) -> Message:
+    """Answer federated-statistics queries on the local signatures: summaries only (shared.stats)."""
+    site = None
+    try:
+        algo = _algorithm(msg, context)
+        site = algo.site
+        specs = unpack_json(str(msg.content["config"]["queries"]))
+        values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
+        answer = answer_queries(algo.load_signatures(), specs, values, site=algo.site,
+                                min_count=algo.cfg.privacy.min_cell_count)
+        arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
+        content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars),
+                              "site": ConfigRecord({"name": algo.site})})
+        return Message(content, reply_to=msg)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, site, exc)

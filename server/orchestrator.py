@@ -1,0 +1,311 @@
+"""The server's stages, run against a Flower ``Grid``: discover -> train -> signatures.
+
+The ServerApp (``server.server_app``) only builds an :class:`Orchestrator` and calls ``run()``.
+Aggregation is Flower's own strategies (FedAvg, FedProx, FedAdam from ``flwr.serverapp.strategy``);
+this module chooses which nodes get which message (external sites never receive a training
+message), checkpoints every round, records everything in the run record, and survives sites that
+fail a round as long as ``federation.min_sites`` replied.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from shared.config import RectalFLConfig
+from shared.records import arrays_to_record, pack_json, record_to_arrays, states_to_record, unpack_json
+
+logger = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few sites, none reachable, ...); the message says why."""
+
+
+@dataclass
+class SiteNode:
+    node_id: int
+    site: str
+    role: str  # "train" | "external"
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+class _SubsetGrid:
+    """A view of a Grid that exposes only some node ids (so a strategy samples training sites only)."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]):
+        self._grid = grid
+        self._ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def make_strategy(cfg: RectalFLConfig, n_train: int) -> FedAvg:
+    """The configured Flower strategy, sampling every training site each round."""
+    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_train,
+                  min_available_nodes=n_train, weighted_by_key="num-examples")
+    f = cfg.federation
+    if f.strategy == "fedavg":
+        return FedAvg(**common)
+    if f.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=f.proximal_mu)
+    if f.strategy == "fedadam":
+        return FedAdam(**common, eta=f.server_lr, eta_l=cfg.train.lr)
+    raise ValueError(f"unknown strategy {f.strategy!r}")
+
+
+def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
+    """Server-optimiser state (FedAdam moments) so a resumed run continues identically."""
+    out: dict[str, np.ndarray] = {}
+    for attr in ("m_t", "v_t"):
+        val = getattr(strategy, attr, None)
+        if isinstance(val, dict):
+            for k, v in val.items():
+                out[f"{attr}::{k}"] = np.asarray(v)
+    return out
+
+
+def load_strategy_state(strategy: FedAvg, arrays: dict[str, np.ndarray]) -> None:
+    for attr in ("m_t", "v_t"):
+        vals = {k.split("::", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{attr}::")}
+        if vals:
+            setattr(strategy, attr, vals)
+
+
+class Orchestrator:
+    """Runs the stages of one run on a Grid.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower grid (simulation or deployment).
+    cfg : RectalFLConfig
+        The resolved run config; sent to every site with each message.
+    run_dir : Path
+        Where checkpoints and models go (server side only).
+    store : server.store.RunStore
+        The run record.
+    sim_sites : list of dict, optional
+        Simulation only: the site list virtual nodes index with their partition-id.
+    external_sites : set of str
+        Site names that only validate.
+    """
+
+    def __init__(self, grid: Grid, cfg: RectalFLConfig, run_dir: Path, store: Any, run_id: str, *,
+                 sim_sites: list[dict] | None = None, external_sites: Iterable[str] = (),
+                 timeout: float = 3600.0, expected_nodes: int | None = None):
+        self.grid = grid
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.store = store
+        self.run_id = run_id
+        self.sim_sites = sim_sites
+        self.external = set(external_sites)
+        self.timeout = timeout
+        self.expected_nodes = expected_nodes
+        self.nodes: list[SiteNode] = []
+        self.cfg_yaml = cfg.to_yaml()
+
+    # ------------------------------------------------------------------ messaging
+    def _config(self, **extra: Any) -> ConfigRecord:
+        conf: dict[str, Any] = {"rectalfl-config": self.cfg_yaml, **extra}
+        if self.sim_sites is not None:
+            conf["sim-sites"] = pack_json(self.sim_sites)
+        return ConfigRecord(conf)
+
+    def _send(self, node_ids: list[int], message_type: str, content: RecordDict) -> list[Message]:
+        msgs = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
+        return list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+
+    def _site_of(self, node_id: int) -> str:
+        return next((n.site for n in self.nodes if n.node_id == node_id), f"node-{node_id}")
+
+    def _record_failures(self, stage: str, rnd: int | None, sent: list[int], replies: list[Message]) -> list[Message]:
+        ok = [m for m in replies if not m.has_error()]
+        for m in replies:
+            if m.has_error():
+                site = self._site_of(m.metadata.src_node_id)
+                self.store.event(self.run_id, "site_failed", m.error.reason or "no reason given", level="error",
+                                 site=site, round=rnd, detail={"stage": stage, "code": m.error.code})
+                logger.warning("%s round %s: %s", stage, rnd, m.error.reason)
+        answered = {m.metadata.src_node_id for m in replies}
+        for nid in sent:
+            if nid not in answered:
+                site = self._site_of(nid)
+                self.store.event(self.run_id, "site_dropped", f"{site} did not reply within {self.timeout:.0f} s",
+                                 level="warning", site=site, round=rnd, detail={"stage": stage})
+        return ok
+
+    # ------------------------------------------------------------------ stages
+    def wait_for_nodes(self) -> list[int]:
+        want = self.expected_nodes or self.cfg.federation.min_sites
+        deadline = time.time() + min(self.timeout, 600)
+        ids = list(self.grid.get_node_ids())
+        while len(ids) < want and time.time() < deadline:
+            time.sleep(1.0)
+            ids = list(self.grid.get_node_ids())
+        if len(ids) < want:
+            raise FederationError(f"only {len(ids)} site(s) connected, {want} needed; check that each site's "
+                                  "SuperNode is running and can reach the SuperLink")
+        return ids
+
+    def discover(self) -> list[SiteNode]:
+        """Ask every node who it is; record sites, roles and (count-only) split sizes."""
+        ids = self.wait_for_nodes()
+        with self.store.stage(self.run_id, "discover"):
+            replies = self._send(ids, "query.describe", RecordDict({"config": self._config()}))
+            ok = self._record_failures("discover", None, ids, replies)
+            nodes = []
+            for m in ok:
+                info = unpack_json(str(m.content["site"]["info"]))
+                role = "external" if info["site"] in self.external else "train"
+                counts = {k: int(v) for k, v in info.items() if k != "site"}
+                nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))
+                self.store.event(self.run_id, "site_joined", f"{info['site']} joined as {role}", site=info["site"],
+                                 detail=counts)
+            self.nodes = sorted(nodes, key=lambda n: n.site)
+        if not any(n.role == "train" for n in self.nodes):
+            raise FederationError("no training site answered the discovery query")
+        return self.nodes
+
+    @property
+    def train_nodes(self) -> list[SiteNode]:
+        return [n for n in self.nodes if n.role == "train"]
+
+    def checkpoint_path(self, rnd: int) -> Path:
+        return self.run_dir / "checkpoints" / f"round_{rnd:04d}.npz"
+
+    def train(self, initial: ArrayRecord, *, start_round: int = 0, strategy_arrays: dict | None = None) -> ArrayRecord:
+        """Federated rounds ``start_round+1 .. federation.rounds`` over the training sites."""
+        train_ids = [n.node_id for n in self.train_nodes]
+        strategy = make_strategy(self.cfg, len(train_ids))
+        if strategy_arrays:
+            load_strategy_state(strategy, strategy_arrays)
+        view = _SubsetGrid(self.grid, train_ids)
+        arrays = initial
+        min_sites = min(self.cfg.federation.min_sites, len(train_ids))
+        with self.store.stage(self.run_id, "train"):
+            for rnd in range(start_round + 1, self.cfg.federation.rounds + 1):
+                t0 = time.perf_counter()
+                conf = self._config(**({"proximal-mu": self.cfg.federation.proximal_mu}
+                                       if self.cfg.federation.strategy == "fedprox" else {}))
+                messages = list(strategy.configure_train(rnd, arrays, conf, view))  # type: ignore[arg-type]
+                sent = [m.metadata.dst_node_id for m in messages]
+                self.store.start_round(self.run_id, "train", rnd, n_sent=len(sent))
+                bytes_down = sum(m.content["arrays"].count_bytes() for m in messages)
+                replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+                ok = self._record_failures("train", rnd, sent, replies)
+                if len(ok) < min_sites:
+                    self.store.finish_round(self.run_id, "train", rnd, n_replied=len(ok),
+                                            n_failed=len(sent) - len(ok), status="failed",
+                                            seconds=time.perf_counter() - t0)
+                    raise FederationError(
+                        f"round {rnd}: only {len(ok)} of {len(sent)} training sites replied, "
+                        f"federation.min_sites is {min_sites}; see the events in the run record")
+                # A fixed reply order makes the floating-point sums, hence a resumed run, reproducible.
+                ok.sort(key=lambda m: str(m.content["site"]["name"]))
+                new_arrays, _ = strategy.aggregate_train(rnd, ok)
+                if new_arrays is None:
+                    raise FederationError(f"round {rnd}: the strategy produced no model")
+                arrays = cast_like(new_arrays, initial)
+                bytes_up = sum(m.content["arrays"].count_bytes() for m in ok)
+                losses = []
+                for m in ok:
+                    site = str(m.content["site"]["name"])
+                    mr = {k: float(v) for k, v in m.content["metrics"].items()}
+                    self.store.log_metrics(self.run_id, "train", site, mr, round=rnd, split="train")
+                    if np.isfinite(mr.get("train-loss", np.nan)):
+                        losses.append(mr["train-loss"])
+                self._checkpoint(rnd, arrays, strategy)
+                self.store.finish_round(self.run_id, "train", rnd, n_replied=len(ok), n_failed=len(sent) - len(ok),
+                                        train_loss=float(np.mean(losses)) if losses else None,
+                                        bytes_down=int(bytes_down), bytes_up=int(bytes_up),
+                                        seconds=time.perf_counter() - t0)
+                logger.info("round %d/%d: %d site(s), mean train loss %.4f, %.1f s", rnd, self.cfg.federation.rounds,
+                            len(ok), float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
+        return arrays
+
+    def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: FedAvg) -> None:
+        path = self.checkpoint_path(rnd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {f"w::{k}": v for k, v in record_to_arrays(arrays).items()}
+        payload.update({f"s::{k}": v for k, v in strategy_state(strategy).items()})
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **payload)
+        tmp.replace(path)
+        self.store.add_artefact(self.run_id, "checkpoint", path, self.run_dir, meta={"round": rnd})
+
+    def roles(self) -> dict[str, str]:
+        return {n.site: n.role for n in self.nodes}
+
+    def signatures(self, arrays: ArrayRecord) -> dict[str, int]:
+        """Every site (training and external) computes its signatures and keeps them; counts come back."""
+        ids = [n.node_id for n in self.nodes]
+        out: dict[str, int] = {}
+        with self.store.stage(self.run_id, "signatures"):
+            msgs = []
+            for n in self.nodes:
+                content = RecordDict({"arrays": arrays, "config": self._config(external=n.role == "external")})
+                msgs.append(Message(content=content, message_type="evaluate.signatures", dst_node_id=n.node_id))
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+            ok = self._record_failures("signatures", None, ids, replies)
+            for m in ok:
+                out[str(m.content["site"]["name"])] = int(m.content["metrics"]["patients-with-signatures"])
+        return out
+
+    def stats_transport(self, payloads: dict[str, dict]) -> dict[str, dict]:
+        """One round of federated-statistics queries: one ``evaluate.stats`` message per site."""
+        by_site = {n.site: n.node_id for n in self.nodes}
+        msgs = []
+        for site, p in payloads.items():
+            if site not in by_site:
+                continue
+            arrays = {k: np.asarray(v) for k, v in p["values"].items() if isinstance(v, np.ndarray)}
+            scalars = {k: v for k, v in p["values"].items() if not isinstance(v, np.ndarray)}
+            content = RecordDict({"config": self._config(queries=pack_json(p["spec"])),
+                                  "arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
+            msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        ok = self._record_failures("evaluate", None, [m.metadata.dst_node_id for m in msgs], replies)
+        out: dict[str, dict] = {}
+        for m in ok:
+            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"]))
+            vals.update(dict(m.content["metrics"].items()))
+            out[str(m.content["site"]["name"])] = vals
+        return out
+
+
+def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Give aggregated arrays the reference dtypes (FedAdam returns float64, averaging turns int buffers float)."""
+    ref = record_to_arrays(reference)
+    out = {}
+    for k, v in record_to_arrays(arrays).items():
+        dt = ref[k].dtype if k in ref else v.dtype
+        out[k] = np.rint(v).astype(dt) if np.issubdtype(dt, np.integer) else v.astype(dt, copy=False)
+    return arrays_to_record(out)
+
+
+def load_checkpoint(path: Path) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
+    with np.load(path) as z:
+        weights = {k[3:]: z[k] for k in z.files if k.startswith("w::")}
+        strat = {k[3:]: z[k] for k in z.files if k.startswith("s::")}
+    return arrays_to_record(weights), strat
+
+
+def initial_record(cfg: RectalFLConfig) -> ArrayRecord:
+    from client.train import initial_states
+
+    return states_to_record(initial_states(cfg))

@@ -1,0 +1,167 @@
+"""One run, end to end, on any Grid: record -> discover -> train (or resume) -> final model -> signatures.
+
+Used by the ServerApp on both engines and by ``rectalfl simulate``. Everything a user keeps lands in
+the run directory::
+
+    runs/<timestamp>-<name>/
+      config.yaml            the resolved config (defaults filled in)
+      run.db                 the run record (SQLite: runs, stages, rounds, site metrics, events, artefacts)
+      checkpoints/round_NNNN.npz   global weights (+ server-optimiser state) after each round
+      models/final.npz, models/final.json   final weights and metadata (network, sequences, versions, config hash)
+      tables/signature_auc.csv     per-backbone AUC on each site's test split and on the external sites
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from shared.config import RectalFLConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+
+def new_run_dir(cfg: RectalFLConfig, root: Path | None = None) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    base = Path(root or cfg.runs_root) / f"{stamp}-{cfg.name}"
+    path, i = base, 1
+    while path.exists():
+        i += 1
+        path = base.with_name(f"{base.name}-{i}")
+    return path
+
+
+def simulation_sites(cfg: RectalFLConfig) -> tuple[list[dict], set[str]]:
+    """The simulated consortium: one virtual node per synthetic site (partition-id = list position)."""
+    root = Path(cfg.data_root).resolve()
+    cache = Path(cfg.cache_root).resolve()
+    sites = [{"name": s.name, "data_dir": str(root / s.name), "cache_dir": str(cache / s.name), "device": None}
+             for s in cfg.synth.sites]
+    external = {s.name for s in cfg.synth.sites if s.external} | set(cfg.federation.external_sites)
+    return sites, external
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "monai", "flwr", "SimpleITK", "numpy", "scikit-learn", "rectalfl"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def prepare_run_dir(cfg: RectalFLConfig, run_dir: Path, *, resume: bool) -> RectalFLConfig:
+    """Create the run dir and write the resolved config; on resume, reload and check it."""
+    cfg_path = run_dir / "config.yaml"
+    if resume:
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {cfg_path} not found (is {run_dir} a run directory?)")
+        saved = load_config(cfg_path)
+        if saved.digest() != cfg.digest():
+            logger.warning("resuming with the run's own saved config (digest %s), not the one given (%s)",
+                           saved.digest(), cfg.digest())
+        return saved
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"run directory {run_dir} already exists and is not empty; use --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(cfg.to_yaml())
+    return cfg
+
+
+def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, sim_sites: list[dict] | None,
+                 external_sites: set[str], resume: bool = False) -> pd.DataFrame:
+    """Run (or resume) the federated pipeline on ``grid`` and return the signature AUC table."""
+    from server.evaluation import evaluate_signatures
+    from server.orchestrator import Orchestrator, initial_record, load_checkpoint
+    from server.store import RunStore
+
+    run_dir = Path(run_dir)
+    cfg = prepare_run_dir(cfg, run_dir, resume=resume)
+    run_id = run_dir.name
+    store = RunStore.open_run_dir(run_dir)
+    try:
+        store.start_run(run_id, cfg.name, cfg.to_yaml(), cfg.digest(), cfg.federation.mode, cfg.federation.strategy,
+                        cfg.seed, engine)
+        if not resume:
+            store.add_artefact(run_id, "config", run_dir / "config.yaml", run_dir)
+        orch = Orchestrator(grid, cfg, run_dir, store, run_id, sim_sites=sim_sites, external_sites=external_sites,
+                            timeout=cfg.federation.round_timeout_s,
+                            expected_nodes=len(sim_sites) if sim_sites else None)
+        orch.discover()
+        start, arrays, strat = 0, initial_record(cfg), None
+        if resume:
+            start = store.last_completed_round(run_id, "train")
+            if start > 0:
+                arrays, strat = load_checkpoint(orch.checkpoint_path(start))
+            store.event(run_id, "resumed", f"resumed after round {start}", round=start)
+            logger.info("resuming %s after round %d", run_id, start)
+        t0 = time.perf_counter()
+        final = orch.train(arrays, start_round=start, strategy_arrays=strat)
+        save_final_model(cfg, run_dir, final, store, run_id, seconds=time.perf_counter() - t0)
+        orch.signatures(final)
+        with store.stage(run_id, "evaluate"):
+            table = evaluate_signatures(orch.stats_transport, cfg, orch.roles())
+            write_table(table, run_dir / "tables" / "signature_auc.csv", store, run_id, run_dir)
+            for row in table.itertuples():
+                if pd.notna(row.auc):
+                    store.log_metric(run_id, "evaluate", row.site, f"{row.backbone}/auc", float(row.auc),
+                                     split=row.split, n=int(row.n_pos + row.n_neg))
+        store.finish_run(run_id, "completed")
+        return table
+    except KeyboardInterrupt:
+        store.finish_run(run_id, "interrupted", error="interrupted by the operator")
+        raise
+    except Exception as exc:
+        store.event(run_id, "run_failed", f"{type(exc).__name__}: {exc}", level="error")
+        store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        store.close()
+
+
+def write_table(df: pd.DataFrame, path: Path, store: Any, run_id: str, run_dir: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+    store.add_artefact(run_id, "table", path, run_dir)
+
+
+def save_final_model(cfg: RectalFLConfig, run_dir: Path, arrays: Any, store: Any, run_id: str, *,
+                     seconds: float) -> Path:
+    import numpy as np
+
+    from client.train import signature_keys
+    from shared.records import record_to_arrays
+
+    mdir = run_dir / "models"
+    mdir.mkdir(parents=True, exist_ok=True)
+    path = mdir / "final.npz"
+    np.savez(path, **record_to_arrays(arrays))
+    meta = {
+        "network": cfg.train.backbone,
+        "backbones": signature_keys(cfg),
+        "sequences": cfg.data.sequences,
+        "timepoints": cfg.data.timepoints,
+        "slice_size": cfg.preprocess.slice_size,
+        "input": "largest-tumour axial slice, uint8 0-255 scaled to [0,1], shape (1, S, S)",
+        "output": "one logit per backbone; sigmoid = probability of good response (TRG 0-1)",
+        "mode": cfg.federation.mode,
+        "strategy": cfg.federation.strategy,
+        "rounds": cfg.federation.rounds,
+        "config_digest": cfg.digest(),
+        "training_seconds": round(seconds, 2),
+        "library_versions": library_versions(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (mdir / "final.json").write_text(json.dumps(meta, indent=2))
+    store.add_artefact(run_id, "model", path, run_dir, meta={"metadata": "models/final.json"})
+    return path
