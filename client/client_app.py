@@ -23,12 +23,14 @@ machine); nothing else assumes a shared filesystem.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
@@ -88,6 +90,34 @@ def _algorithm(msg: Message, context: Context) -> SiteAlgorithm:
     return _CACHE[key]
 
 
+def _bytes(content: RecordDict) -> int:
+    return int(sum(r.count_bytes() for r in content.values()))
+
+
+def audit(algo: SiteAlgorithm, msg: Message, reply: Message) -> Message:
+    """Append what this site received and sent to ``<cache>/audit.jsonl`` (the site's own record).
+
+    Hospital IT can read there every message the server sent and, for every reply, which records
+    and keys left the site and how many bytes.
+    """
+    entry = {
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "message_type": msg.metadata.message_type,
+        "server_round": int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0,
+        "bytes_in": _bytes(msg.content),
+    }
+    if reply.has_error():
+        entry.update(error=reply.error.reason, bytes_out=0, sent={})
+    else:
+        entry.update(bytes_out=_bytes(reply.content),
+                     sent={name: sorted(rec.keys()) if not isinstance(rec, ArrayRecord) else
+                           f"{len(rec)} arrays" for name, rec in reply.content.items()})
+    algo.cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(algo.cache_dir / "audit.jsonl", "a") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+    return reply
+
+
 def _error_reply(msg: Message, site: str | None, exc: BaseException) -> Message:
     where = f"site {site}" if site else "a site"
     reason = f"{where} failed: {type(exc).__name__}: {exc}"
@@ -102,7 +132,7 @@ def describe(msg: Message, context: Context) -> Message:
         algo = _algorithm(msg, context)
         site = algo.site
         info = {"site": algo.site, **algo.describe()}
-        return Message(RecordDict({"site": ConfigRecord({"info": pack_json(info)})}), reply_to=msg)
+        return audit(algo, msg, Message(RecordDict({"site": ConfigRecord({"info": pack_json(info)})}), reply_to=msg))
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the server, named
         return _error_reply(msg, site, exc)
 
@@ -119,7 +149,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
         content = RecordDict({"arrays": states_to_record(res.states), "metrics": metrics,
                               "site": ConfigRecord({"name": algo.site})})
-        return Message(content, reply_to=msg)
+        return audit(algo, msg, Message(content, reply_to=msg))
     except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, site, exc)
 
@@ -136,7 +166,7 @@ def signatures(msg: Message, context: Context) -> Message:
         table = algo.signatures(states, external=bool(conf.get("external", False)))
         content = RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))}),
                               "site": ConfigRecord({"name": algo.site})})
-        return Message(content, reply_to=msg)
+        return audit(algo, msg, Message(content, reply_to=msg))
     except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, site, exc)
 
@@ -156,6 +186,6 @@ def stats(msg: Message, context: Context) -> Message:
         scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
         content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars),
                               "site": ConfigRecord({"name": algo.site})})
-        return Message(content, reply_to=msg)
+        return audit(algo, msg, Message(content, reply_to=msg))
     except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, site, exc)

@@ -53,6 +53,8 @@ def queries_to_table(queries: list[Query]) -> pd.DataFrame:
             row.update(n_pos=int(r.n_pos), n_neg=int(r.n_neg), auc=float(r.auc), lo=float(r.lo), hi=float(r.hi),
                        bound=float(q.final.bound.get("auc", 0.0)))
         notes = [f"{s.site}: {s.reason}" for s in q.suppressed]
+        if q.dropped:
+            notes.append(f"without {', '.join(q.dropped)} (no answer)")
         if q.error:
             notes.append(q.error)
         row["note"] = "; ".join(notes)

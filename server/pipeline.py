@@ -87,8 +87,10 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
 
     run_dir = Path(run_dir)
     cfg = prepare_run_dir(cfg, run_dir, resume=resume)
-    run_id = run_dir.name
     store = RunStore.open_run_dir(run_dir)
+    known = store.runs()
+    # A run keeps its id when its directory is moved or renamed.
+    run_id = str(known["run_id"].iloc[0]) if resume and len(known) else run_dir.name
     try:
         store.start_run(run_id, cfg.name, cfg.to_yaml(), cfg.digest(), cfg.federation.mode, cfg.federation.strategy,
                         cfg.seed, engine)

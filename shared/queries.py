@@ -44,6 +44,8 @@ class Query:
     final: Final | None = None
     suppressed: list[Suppression] = field(default_factory=list)
     error: str | None = None
+    dropped: list[str] = field(default_factory=list)
+    """Sites that did not answer the first round, hence are not in the result."""
 
     def spec(self) -> dict[str, Any]:
         return {"protocol": self.protocol.name, "columns": self.columns, "splits": self.splits}
@@ -119,7 +121,11 @@ def run_queries(queries: list[Query], transport: Transport, *, max_rounds: int =
         by_site = {s: _unprefix(v) for s, v in replies.items()}
         for q in pending:
             missing = [s for s in q.sites if s not in by_site]
-            if missing:
+            if missing and q.protocol.round <= 1 and len(missing) < len(q.sites):
+                # A site that fails before contributing anything is left out, and that is said.
+                q.sites = [s for s in q.sites if s not in missing]
+                q.dropped.extend(missing)
+            elif missing:
                 q.error = f"no answer from {', '.join(missing)}"
                 continue
             summaries = {s: {k: (np.asarray(v) if isinstance(v, np.ndarray | list) else v)

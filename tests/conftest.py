@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny synthetic consortium, generated and preprocessed once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import RectalFLConfig, parse_config
+
+
+def tiny_config(root: Path, **overrides: object) -> RectalFLConfig:
+    """A consortium small enough for CPU tests: 3 training sites + 1 external, 32x32 slices."""
+    data = {
+        "name": "tiny",
+        "seed": 7,
+        "data_root": str(root / "data"),
+        "cache_root": str(root / "cache"),
+        "runs_root": str(root / "runs"),
+        "data": {"sequences": ["t2w", "dwi"], "timepoints": ["pre", "post"]},
+        "preprocess": {"n4": {"enabled": True, "shrink_factor": 2, "iterations": [10]}, "slice_size": 32,
+                       "workers": 1},
+        "synth": {
+            "shape": [48, 48, 6],
+            "signal": 2.0,
+            "missing_mask_fraction": 0.0,
+            "second_rater_fraction": 0.0,
+            "dicom_fraction": 0.0,
+            "sites": [
+                {"name": "site_a", "patients": 14, "prevalence": 0.4, "scanner": "siemens_like"},
+                {"name": "site_b", "patients": 12, "prevalence": 0.35, "scanner": "ge_like"},
+                {"name": "site_c", "patients": 10, "prevalence": 0.4, "scanner": "philips_like"},
+                {"name": "ext", "patients": 10, "prevalence": 0.4, "scanner": "legacy_1p5t", "external": True},
+            ],
+        },
+        "split": {"scheme": "7:3"},
+        "train": {"backbone": "densenet_tiny", "batch_size": 8, "lr": 0.05, "local_epochs": 1},
+        "federation": {"rounds": 2, "min_sites": 2},
+        "privacy": {"min_cell_count": 1},
+    }
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})  # type: ignore[assignment]
+        node[parts[-1]] = value  # type: ignore[index]
+    return parse_config(data)
+
+
+@pytest.fixture(scope="session")
+def tiny_consortium(tmp_path_factory: pytest.TempPathFactory) -> RectalFLConfig:
+    """Generated and preprocessed once; tests must not modify its data or cache (copy them first)."""
+    from server.simulate import prepare_sites
+
+    root = tmp_path_factory.mktemp("consortium")
+    cfg = tiny_config(root)
+    prepare_sites(cfg, workers=1)
+    return cfg

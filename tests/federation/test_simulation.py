@@ -1,0 +1,141 @@
+"""End to end on Flower's simulation engine: a real federation of 3 training sites + 1 external site.
+
+Slow (each federation starts Ray), marked ``slow``; CI runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from client.algorithm import SiteAlgorithm
+from client.train import initial_states, mean_loss, models_from_states
+from server.pipeline import simulation_sites
+from server.simulate import run_simulation
+from server.store import RunStore
+from shared.records import unflatten_states
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_consortium(cfg, root: Path):
+    new = cfg.model_copy(update={"cache_root": root / "cache", "runs_root": root / "runs"})
+    shutil.copytree(cfg.cache_root, new.cache_root)
+    return new
+
+
+def _final_states(run_dir: Path, like):
+    with np.load(run_dir / "models" / "final.npz") as z:
+        return unflatten_states({k: z[k] for k in z.files}, like)
+
+
+@pytest.fixture(scope="module")
+def fed_run(tiny_consortium, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed")
+    cfg = _copy_consortium(tiny_consortium, root)
+    run_dir = run_simulation(cfg, run_dir=root / "runs" / "A", prepare=False)
+    return cfg, run_dir
+
+
+def test_run_record_is_complete(fed_run) -> None:
+    cfg, run_dir = fed_run
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        runs = store.runs()
+        assert runs["status"].tolist() == ["completed"]
+        rid = runs["run_id"].iloc[0]
+        rounds = store.rounds(rid)
+        assert rounds["round"].tolist() == [1, 2] and set(rounds["status"]) == {"completed"}
+        assert (rounds["n_replied"] == 3).all() and (rounds["bytes_up"] > 0).all()
+        stages = store.stages(rid)
+        assert {"discover", "train", "signatures", "evaluate"} <= set(stages["name"])
+        joined = store.events(rid).query("kind == 'site_joined'")["site"].tolist()
+        assert sorted(joined) == ["ext", "site_a", "site_b", "site_c"]
+    assert (run_dir / "checkpoints" / "round_0002.npz").is_file()
+    meta = json.loads((run_dir / "models" / "final.json").read_text())
+    assert meta["network"] == "densenet_tiny" and meta["slice_size"] == 32 and meta["config_digest"] == cfg.digest()
+
+
+def test_weights_changed_and_training_loss_fell(fed_run) -> None:
+    cfg, run_dir = fed_run
+    init = initial_states(cfg)
+    final = _final_states(run_dir, init)
+    changed = [k for k in init for n, t in init[k].items() if t.is_floating_point() and not np.allclose(t, final[k][n])]
+    assert set(changed) == set(init), "every backbone's weights must have moved"
+    sites, _ = simulation_sites(cfg)
+    before, after = [], []
+    for s in sites[:3]:
+        algo = SiteAlgorithm(s["name"], Path(s["data_dir"]), Path(s["cache_dir"]), cfg)
+        m0, m1 = models_from_states(cfg, init), models_from_states(cfg, final)
+        for key in algo.keys:
+            data = algo.data[key].subset(["train"])
+            before.append(mean_loss(m0[key], data))
+            after.append(mean_loss(m1[key], data))
+    assert np.mean(after) < np.mean(before)
+
+
+def test_external_site_received_no_training_message(fed_run) -> None:
+    cfg, run_dir = fed_run
+    audit = [json.loads(x) for x in (Path(cfg.cache_root) / "ext" / "audit.jsonl").read_text().splitlines()]
+    kinds = {a["message_type"] for a in audit}
+    assert "train" not in kinds
+    assert {"query.describe", "evaluate.signatures", "evaluate.stats"} <= kinds
+    train_audit = (Path(cfg.cache_root) / "site_a" / "audit.jsonl").read_text()
+    assert train_audit.count('"message_type": "train"') == 2
+
+
+def test_signature_auc_table_covers_every_backbone_and_cohort(fed_run) -> None:
+    cfg, run_dir = fed_run
+    table = pd.read_csv(run_dir / "tables" / "signature_auc.csv")
+    assert set(table["backbone"]) == {"pre_t2w", "pre_dwi", "post_t2w", "post_dwi"}
+    assert {"site_a", "site_b", "site_c", "ext", "pooled (training sites)"} <= set(table["site"])
+    ok = table.dropna(subset=["auc"])
+    assert len(ok) == len(table)
+    assert ((ok["auc"] >= 0) & (ok["auc"] <= 1) & (ok["lo"] <= ok["auc"]) & (ok["auc"] <= ok["hi"])).all()
+    pooled = table[table["site"] == "pooled (training sites)"]
+    per_site = table[table["site"].isin(["site_a", "site_b", "site_c"])]
+    assert pooled["n_pos"].sum() == per_site["n_pos"].sum()  # pooled counts are the union of sites
+
+
+def test_resume_after_a_crash_gives_the_same_final_weights(fed_run, tmp_path) -> None:
+    cfg, run_a = fed_run
+    run_b = tmp_path / "B"
+    shutil.copytree(run_a, run_b)
+    # Simulate a crash during round 2: the round is left 'running', its checkpoint and later outputs absent.
+    with sqlite3.connect(run_b / "run.db") as db:
+        db.execute("UPDATE rounds SET status='running', finished_at=NULL WHERE round=2")
+        db.execute("UPDATE runs SET status='running', finished_at=NULL")
+    (run_b / "checkpoints" / "round_0002.npz").unlink()
+    shutil.rmtree(run_b / "models")
+    shutil.rmtree(run_b / "tables")
+    run_simulation(cfg, run_dir=run_b, resume=True, prepare=False)
+    like = initial_states(cfg)
+    a, b = _final_states(run_a, like), _final_states(run_b, like)
+    for key in a:
+        for name in a[key]:
+            assert np.array_equal(a[key][name].numpy(), b[key][name].numpy()), f"{key}/{name} differs"
+    with RunStore.open_run_dir(run_b, readonly=True) as store:
+        rid = store.runs()["run_id"].iloc[0]
+        assert store.runs()["status"].iloc[0] == "completed"
+        assert "resumed" in set(store.events(rid)["kind"])
+
+
+def test_a_failing_site_is_recorded_and_the_round_goes_on(tiny_consortium, tmp_path) -> None:
+    cfg = _copy_consortium(tiny_consortium, tmp_path)
+    (Path(cfg.cache_root) / "site_c" / "manifest.csv").write_text("this is not a manifest\n\x00\x01")
+    run_dir = run_simulation(cfg, run_dir=tmp_path / "runs" / "F", prepare=False)
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        rid = store.runs()["run_id"].iloc[0]
+        assert store.runs()["status"].iloc[0] == "completed"
+        failed = store.events(rid).query("kind == 'site_failed'")
+        assert "site_c" in set(failed["site"]) and failed["message"].str.contains("site_c").all()
+        rounds = store.rounds(rid)
+        assert (rounds["n_replied"] == 2).all() and (rounds["n_failed"] == 1).all()
+    table = pd.read_csv(run_dir / "tables" / "signature_auc.csv")
+    pooled = table[table["site"] == "pooled (training sites)"]
+    assert pooled["auc"].notna().all() and pooled["note"].str.contains("without site_c").all()
