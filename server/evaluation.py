@@ -69,7 +69,8 @@ def evaluate_signatures(transport: Transport, cfg: RectalFLConfig, roles: dict[s
     queries = signature_auc_queries(signature_keys(cfg), roles, cfg.privacy.min_cell_count)
     run_queries(queries, transport)
     table = queries_to_table(queries)
-    for q in queries:
-        if q.error:
-            logger.warning("AUC of %s not available: %s", q.qid, q.error)
+    missing = [q for q in queries if q.error]
+    if missing:
+        logger.warning("%d of %d AUCs not available (see the 'note' column of signature_auc.csv), e.g. %s: %s",
+                       len(missing), len(queries), missing[0].qid, missing[0].error)
     return table

@@ -85,7 +85,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
     from server.orchestrator import Orchestrator, initial_record, load_checkpoint
     from server.store import RunStore
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()
     cfg = prepare_run_dir(cfg, run_dir, resume=resume)
     store = RunStore.open_run_dir(run_dir)
     known = store.runs()

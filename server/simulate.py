@@ -53,7 +53,7 @@ def run_simulation(cfg: RectalFLConfig, *, run_dir: Path | None = None, resume: 
         cfg = load_config(Path(run_dir) / "config.yaml")  # type: ignore[arg-type]
     if prepare:
         prepare_sites(cfg, workers=workers)
-    run_dir = Path(run_dir) if run_dir else new_run_dir(cfg)
+    run_dir = (Path(run_dir) if run_dir else new_run_dir(cfg)).resolve()
     sites, external = simulation_sites(cfg)
     t0 = time.perf_counter()
     if cfg.federation.mode == "federated":
@@ -125,7 +125,7 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
     tables = []
     with RunStore.open_run_dir(run_dir) as store:
         store.start_run(run_id, cfg.name, cfg.to_yaml(), cfg.digest(), cfg.federation.mode, "none", cfg.seed,
-                        "in-process")
+                        "simulation")
         groups = {"pooled": train_sites} if cfg.federation.mode == "pooled" else {f"local-{n}": [n] for n in train_sites}
         for model_name, members in groups.items():
             with store.stage(run_id, f"train:{model_name}"):
@@ -171,7 +171,8 @@ def print_summary(run_dir: Path, console: Any, seconds: float | None = None) -> 
     if "model" not in df:
         df.insert(0, "model", "federated")
     for model, g in df.groupby("model", sort=False):
-        piv = g.pivot_table(index="backbone", columns="site", values="auc", aggfunc="first", sort=False)
+        piv = g.pivot_table(index="backbone", columns="site", values="auc", aggfunc="first", sort=False,
+                             dropna=False)
         title = f"AUC of each signature ({model}) - test split per site, external site(s), pooled"
         table = Table(title=title)
         table.add_column("backbone")

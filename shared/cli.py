@@ -55,15 +55,27 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 WorkersOpt = Annotated[int | None, typer.Option("--workers", "-j", min=1, help="Parallel worker processes.")]
 
 
+NOISY = ("flwr", "ray", "matplotlib", "PIL", "alembic", "filelock", "urllib3")
+
+
+class _QuietLibraries(logging.Filter):
+    """Third-party chatter (Flower's DEBUG lines, alembic plugins) only from WARNING up, unless --verbose."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose or record.levelno >= logging.WARNING:
+            return True
+        return record.name.split(".")[0] not in NOISY and "DEPRECATED" not in record.getMessage()
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
-    for noisy in ("flwr", "ray", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler.addFilter(_QuietLibraries(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[handler], force=True)
 
 
 @app.callback()
@@ -198,6 +210,7 @@ def site_check(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     fast: Annotated[bool, typer.Option("--fast", help="Check headers and geometry only; skip pixel checks.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every warning instead of grouping them.")] = False,
 ) -> None:
     """Check a site's data against the contract. Exit 0 when usable (warnings allowed), 1 otherwise."""
     from shared.cohort import CohortError, check_site
@@ -211,18 +224,30 @@ def site_check(
     if as_json:
         out.print_json(json.dumps(report.to_dict(), default=str))
     else:
-        _print_report(report)
+        _print_report(report, show_all=show_all)
     raise typer.Exit(0 if report.ok else 1)
 
 
-def _print_report(report: Any) -> None:
-    if report.issues:
-        table = Table(title=f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)", show_lines=False)
-        for col in ("severity", "code", "patient", "file", "problem", "what to do"):
+def _print_report(report: Any, *, show_all: bool = False, limit: int = 15) -> None:
+    """Errors first, one line each with what to do; warnings grouped by code unless ``show_all``."""
+    errors = sorted(report.errors, key=lambda i: (i.patient_id or "", i.code))
+    for i in errors[: None if show_all else limit]:
+        out.print(f"[red]error[/] [bold]{i.code}[/] {i.message}\n      [dim]fix:[/] {i.fix}", highlight=False)
+    if len(errors) > limit and not show_all:
+        out.print(f"... {len(errors) - limit} more error(s): --all shows every one, --json for machines")
+    warnings = report.warnings
+    if show_all:
+        for i in warnings:
+            out.print(f"[yellow]warning[/] [bold]{i.code}[/] {i.message}\n      [dim]fix:[/] {i.fix}", highlight=False)
+    elif warnings:
+        table = Table(title=f"{len(warnings)} warning(s) by kind (--all lists each)", title_justify="left")
+        for col in ("code", "count", "example"):
             table.add_column(col, overflow="fold")
-        for i in sorted(report.issues, key=lambda i: (i.severity != "error", i.patient_id or "", i.code)):
-            style = "red" if i.severity == "error" else "yellow"
-            table.add_row(f"[{style}]{i.severity}[/]", i.code, i.patient_id or "-", i.file or "-", i.message, i.fix)
+        by_code: dict[str, list[Any]] = {}
+        for w in warnings:
+            by_code.setdefault(w.code, []).append(w)
+        for code, items in sorted(by_code.items()):
+            table.add_row(f"[yellow]{code}[/]", str(len(items)), items[0].message)
         out.print(table)
     verdict = "[green]usable[/]" if report.ok else "[red]NOT usable[/] (fix the errors above, or they exclude those cases)"
     out.print(
