@@ -33,6 +33,7 @@ from client.train import (
     signature_keys,
     stable_seed,
     train_backbone,
+    training_seed,
 )
 from shared.config import RectalFLConfig
 
@@ -116,13 +117,14 @@ class SiteAlgorithm:
             train_ids.update(data.patient_ids)
             stats = train_backbone(
                 models[key], data, self.cfg.train, epochs=epochs or self.cfg.train.local_epochs,
-                seed=stable_seed(self.cfg.seed, "fit", self.site, key, server_round), device=self.device,
+                seed=stable_seed(training_seed(self.cfg), "fit", self.site, key, server_round), device=self.device,
                 global_state=states[key] if proximal_mu > 0 else None, proximal_mu=proximal_mu,
             )
             out[key] = OrderedDict((k, v.detach().clone()) for k, v in models[key].state_dict().items())
             metrics[f"{key}/train-loss"] = stats.loss_last_epoch
             metrics[f"{key}/n"] = float(stats.n_examples)
             metrics[f"{key}/seconds"] = stats.seconds
+        metrics["fit-seconds"] = float(sum(v for k, v in metrics.items() if k.endswith("/seconds")))
         losses = [v for k, v in metrics.items() if k.endswith("/train-loss") and np.isfinite(v)]
         metrics["train-loss"] = float(np.mean(losses)) if losses else float("nan")
         return FitResult(out, len(train_ids), metrics)

@@ -50,6 +50,11 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def training_seed(cfg: RectalFLConfig) -> int:
+    """``train.seed`` if set, else the run's ``seed``."""
+    return cfg.train.seed if cfg.train.seed is not None else cfg.seed
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -315,7 +320,7 @@ def initial_states(cfg: RectalFLConfig) -> dict[str, OrderedDict[str, torch.Tens
     """The same seeded initial weights for every backbone, on any machine."""
     return {
         key: OrderedDict(build_model(cfg.train.backbone, cfg.preprocess.slice_size,
-                                     seed=stable_seed(cfg.seed, "init", key)).state_dict())
+                                     seed=stable_seed(training_seed(cfg), "init", key)).state_dict())
         for key in signature_keys(cfg)
     }
 

@@ -109,7 +109,14 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
 def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external: set[str]) -> pd.DataFrame:
     """``pooled`` or ``local``: same training and evaluation code, no federation."""
     from client.algorithm import SiteAlgorithm
-    from client.train import SliceSet, initial_states, models_from_states, stable_seed, train_backbone
+    from client.train import (
+        SliceSet,
+        initial_states,
+        models_from_states,
+        stable_seed,
+        train_backbone,
+        training_seed,
+    )
     from server.evaluation import evaluate_signatures
     from server.pipeline import prepare_run_dir, save_final_model, write_table
     from server.store import RunStore
@@ -136,7 +143,7 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
                     data = SliceSet(key, np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
                                     sum((p.patient_ids for p in parts), []), np.concatenate([p.split for p in parts]))
                     stats = train_backbone(models[key], data, cfg.train, epochs=epochs,
-                                           seed=stable_seed(cfg.seed, model_name, key))
+                                           seed=stable_seed(training_seed(cfg), model_name, key))
                     store.log_metrics(run_id, f"train:{model_name}", "+".join(members),
                                       {f"{key}/train-loss": stats.loss_last_epoch, f"{key}/n": stats.n_examples})
                 final = {k: OrderedDict(m.state_dict()) for k, m in models.items()}

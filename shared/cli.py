@@ -350,13 +350,20 @@ def simulate(
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where to write the run (default runs/<time>-<name>).")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last completed round.")] = None,
     workers: WorkersOpt = None,
+    prepare_only: Annotated[bool, typer.Option("--prepare-only", help="Only generate the cohort and preprocess "
+                                                "every site (e.g. before `flwr run .`).")] = False,
 ) -> None:
     """Run the whole consortium on this machine: cohort, per-site preprocessing, then the Flower federation."""
-    from server.simulate import run_simulation
+    from server.simulate import prepare_sites, run_simulation
 
     overrides = {k: v for k, v in {"federation.mode": mode, "federation.strategy": strategy,
                                    "federation.rounds": rounds}.items() if v is not None}
     cfg = _load(config, overrides)
+    if prepare_only:
+        with progress_bar("preparing sites") as cb:
+            prepare_sites(cfg, workers=workers, progress=cb)
+        out.print(f"cohort in {cfg.data_root}, caches in {cfg.cache_root}")
+        return
     try:
         run_simulation(cfg, run_dir=resume or run_dir, resume=resume is not None, console=out, workers=workers)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:

@@ -176,6 +176,9 @@ class TrainConfig(_Section):
     hflip: bool = True
     device: str = "auto"
     """``auto`` picks CUDA when available, else CPU; or ``cpu``, ``cuda``, ``cuda:1``..."""
+    seed: int | None = Field(None, ge=0)
+    """Seed of weight initialisation and local updates; null uses the run's ``seed`` (which also fixes
+    the synthetic cohort and the splits), so repeated training on the same data is one key away."""
 
 
 class FederationConfig(_Section):

@@ -24,7 +24,7 @@ from shared.records import arrays_to_record, pack_json, states_to_record
 
 from .conftest import node_context
 
-ALLOWED_METRIC = re.compile(r"^(num-examples|train-loss|(pre|post)_[a-z0-9_]+/(train-loss|n|seconds))$")
+ALLOWED_METRIC = re.compile(r"^(num-examples|train-loss|fit-seconds|(pre|post)_[a-z0-9_]+/(train-loss|n|seconds))$")
 
 
 def _config(cfg, sites, **extra) -> ConfigRecord:
