@@ -2,7 +2,7 @@
 # Create .venv and install rectalfl with its dev tools. Safe to re-run (it only adds what is missing).
 #
 # torch is installed first, on purpose: a plain `torch` requirement pulls a multi-GB CUDA build.
-#   - If a torch wheel is available locally (pip's find-links), it is used (no download).
+#   - If pip's own configuration already resolves a CPU build (e.g. a local wheel), that is used.
 #   - Else, on a machine without an NVIDIA GPU, the CPU build comes from PyTorch's CPU index.
 #   - Else (GPU box), the default CUDA build from PyPI.
 # Override with TORCH_SPEC (e.g. "torch==2.13.0") and TORCH_INDEX_URL (e.g. a cu12x index URL).
@@ -27,8 +27,15 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 if ! python -c 'import torch' >/dev/null 2>&1; then
   if [ -n "${TORCH_INDEX_URL:-}" ]; then
     pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
-  elif pip install -q --no-index "$TORCH_SPEC" >/dev/null 2>&1; then
-    echo "setup: installed $TORCH_SPEC from a local wheel"
+  elif report=$(mktemp) && pip install -q --dry-run --ignore-installed --report "$report" "$TORCH_SPEC" >/dev/null 2>&1 \
+       && python - "$report" <<'PY'
+import json, sys
+items = json.load(open(sys.argv[1]))["install"]
+sys.exit(0 if any(i["metadata"]["name"] == "torch" and "+cpu" in i["metadata"]["version"] for i in items) else 1)
+PY
+  then
+    # pip's own configuration already offers a CPU build (e.g. a local wheel): take it.
+    pip install "$TORCH_SPEC"
   elif command -v nvidia-smi >/dev/null 2>&1; then
     pip install "$TORCH_SPEC"
   else
