@@ -326,9 +326,15 @@ def initial_states(cfg: RectalFLConfig) -> dict[str, OrderedDict[str, torch.Tens
 
 
 def models_from_states(cfg: RectalFLConfig, states: dict[str, OrderedDict[str, torch.Tensor]]) -> dict[str, nn.Module]:
+    from shared.records import is_local_only
+
     models = {}
     for key, sd in states.items():
         m = build_model(cfg.train.backbone, cfg.preprocess.slice_size)
-        m.load_state_dict(sd)
+        missing, unexpected = m.load_state_dict(sd, strict=False)
+        bad = [k for k in missing if not is_local_only(k)] + list(unexpected)
+        if bad:
+            raise ValueError(f"weights for {key} do not fit network {cfg.train.backbone!r}: "
+                             f"missing/unexpected {bad[:5]}{'...' if len(bad) > 5 else ''}")
         models[key] = m
     return models

@@ -2,8 +2,10 @@
 
 All backbones of a round travel in ONE ``ArrayRecord`` whose keys are prefixed with the backbone's
 signature key (``pre_t2w/features.conv0.weight``), so one message per site per round carries the
-whole multi-backbone model. Integer buffers (BatchNorm ``num_batches_tracked``) travel as they
-are and are cast back to their dtype on load, since averaging turns them into floats.
+whole multi-backbone model. BatchNorm's ``num_batches_tracked`` counters do not travel: they are
+not weights (with a fixed BN momentum nothing reads them), averaging or Adam-stepping an integer
+counter is meaningless, and Flower's FedAdam rejects their 0-d shape. Other integer buffers are
+cast back to their dtype on load.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ SEP = "/"
 StateDicts = dict[str, "OrderedDict[str, torch.Tensor]"]
 
 
+def is_local_only(param_name: str) -> bool:
+    """Buffers that never leave a site (see module docstring)."""
+    return param_name.endswith("num_batches_tracked")
+
+
 def flatten_states(states: StateDicts) -> OrderedDict[str, np.ndarray]:
     """``{"pre_t2w": state_dict, ...}`` -> ``{"pre_t2w/<param>": ndarray, ...}`` (deterministic order)."""
     flat: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -28,6 +35,8 @@ def flatten_states(states: StateDicts) -> OrderedDict[str, np.ndarray]:
         if SEP in key:
             raise ValueError(f"backbone key {key!r} must not contain {SEP!r}")
         for name, tensor in states[key].items():
+            if is_local_only(name):
+                continue
             flat[f"{key}{SEP}{name}"] = tensor.detach().cpu().numpy()
     return flat
 

@@ -20,7 +20,7 @@ from client import client_app
 from client.train import initial_states, signature_keys
 from server.evaluation import signature_auc_queries
 from server.pipeline import simulation_sites
-from shared.records import arrays_to_record, pack_json, states_to_record
+from shared.records import arrays_to_record, is_local_only, pack_json, states_to_record
 
 from .conftest import node_context
 
@@ -78,7 +78,7 @@ def test_train_reply_holds_weights_counts_and_losses_only(consortium, run_identi
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
     # Weights: exactly the model's parameter names, same shapes as the global model.
-    expected = {f"{k}/{n}": t.shape for k, sd in states.items() for n, t in sd.items()}
+    expected = {f"{k}/{n}": t.shape for k, sd in states.items() for n, t in sd.items() if not is_local_only(n)}
     sent = {k: v.numpy().shape for k, v in reply.content["arrays"].items()}
     assert sent == {k: tuple(s) for k, s in expected.items()}
     # Metrics: an allow-list of aggregate numbers; num-examples is the true training-patient count.
