@@ -323,7 +323,12 @@ def demo(
     t0 = time.perf_counter()
     console.rule("[bold]1/3 synthetic multi-centre cohort")
     with progress_bar("synthesising patients") as cb:
-        generate_cohort(cfg.synth, cfg.data_root, seed=cfg.seed, workers=workers or cfg.preprocess.workers, progress=cb)
+        try:
+            generate_cohort(cfg.synth, cfg.data_root, seed=cfg.seed, workers=workers or cfg.preprocess.workers,
+                            progress=cb)
+        except FileExistsError as exc:
+            _fail(f"{exc}\nto replace it: rectalfl synth --config {config} --overwrite "
+                  f"(or point data_root elsewhere)")
     sites = load_cohort_manifest(cfg.data_root)["sites"]
     console.rule("[bold]2/3 site checks and preprocessing (each site on its own)")
     for s in sites:
