@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -125,67 +126,70 @@ def _error_reply(msg: Message, site: str | None, exc: BaseException) -> Message:
     return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
 
 
-@app.query("describe")
-def describe(msg: Message, context: Context) -> Message:
-    site = None
+def _reply(msg: Message, context: Context, work: Callable[[SiteAlgorithm, Message], RecordDict]) -> Message:
+    """Run one stage for this site; any failure goes back to the server as an error naming the site.
+
+    Every reply carries ``site.name`` and is appended to the site's audit log.
+    """
+    algo = None
     try:
         algo = _algorithm(msg, context)
-        site = algo.site
-        info = {"site": algo.site, **algo.describe()}
-        return audit(algo, msg, Message(RecordDict({"site": ConfigRecord({"info": pack_json(info)})}), reply_to=msg))
-    except Exception as exc:  # noqa: BLE001 - every failure goes back to the server, named
-        return _error_reply(msg, site, exc)
+        content = work(algo, msg)
+        content["site"] = ConfigRecord({"name": algo.site})
+        return audit(algo, msg, Message(content, reply_to=msg))
+    except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
+        reply = _error_reply(msg, algo.site if algo else None, exc)
+        return audit(algo, msg, reply) if algo else reply
+
+
+def _describe(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+    info = {"site": algo.site, **algo.describe()}
+    return RecordDict({"info": ConfigRecord({"info": pack_json(info)})})
+
+
+def _train(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+    conf = msg.content["config"]
+    states = record_to_states(msg.content["arrays"])
+    res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)))
+    metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
+    return RecordDict({"arrays": states_to_record(res.states), "metrics": metrics})
+
+
+def _signatures(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+    states = record_to_states(msg.content["arrays"])
+    table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)))
+    return RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))})})
+
+
+def _stats(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+    specs = unpack_json(str(msg.content["config"]["queries"]))
+    values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
+    answer = answer_queries(algo.load_signatures(), specs, values, site=algo.site,
+                            min_count=algo.cfg.privacy.min_cell_count)
+    arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
+    return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """Who this site is and how many patients per split (counts only)."""
+    return _reply(msg, context, _describe)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    site = None
-    try:
-        algo = _algorithm(msg, context)
-        site = algo.site
-        conf = msg.content["config"]
-        states = record_to_states(msg.content["arrays"])
-        res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)))
-        metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
-        content = RecordDict({"arrays": states_to_record(res.states), "metrics": metrics,
-                              "site": ConfigRecord({"name": algo.site})})
-        return audit(algo, msg, Message(content, reply_to=msg))
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, site, exc)
+    """One local update of every backbone from the global weights."""
+    return _reply(msg, context, _train)
 
 
 @app.evaluate("signatures")
 def signatures(msg: Message, context: Context) -> Message:
     """Compute every patient's signatures with the final weights and keep them on site."""
-    site = None
-    try:
-        algo = _algorithm(msg, context)
-        site = algo.site
-        conf = msg.content["config"]
-        states = record_to_states(msg.content["arrays"])
-        table = algo.signatures(states, external=bool(conf.get("external", False)))
-        content = RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))}),
-                              "site": ConfigRecord({"name": algo.site})})
-        return audit(algo, msg, Message(content, reply_to=msg))
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, site, exc)
+    return _reply(msg, context, _signatures)
 
 
 @app.evaluate("stats")
 def stats(msg: Message, context: Context) -> Message:
     """Answer federated-statistics queries on the local signatures: summaries only (shared.stats)."""
-    site = None
-    try:
-        algo = _algorithm(msg, context)
-        site = algo.site
-        specs = unpack_json(str(msg.content["config"]["queries"]))
-        values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
-        answer = answer_queries(algo.load_signatures(), specs, values, site=algo.site,
-                                min_count=algo.cfg.privacy.min_cell_count)
-        arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
-        scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
-        content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars),
-                              "site": ConfigRecord({"name": algo.site})})
-        return audit(algo, msg, Message(content, reply_to=msg))
-    except Exception as exc:  # noqa: BLE001
-        return _error_reply(msg, site, exc)
+    return _reply(msg, context, _stats)

@@ -170,7 +170,7 @@ class Orchestrator:
             ok = self._record_failures("discover", None, ids, replies)
             nodes = []
             for m in ok:
-                info = unpack_json(str(m.content["site"]["info"]))
+                info = unpack_json(str(m.content["info"]["info"]))
                 role = "external" if info["site"] in self.external else "train"
                 counts = {k: int(v) for k, v in info.items() if k != "site"}
                 nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))

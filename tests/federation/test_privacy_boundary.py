@@ -64,7 +64,8 @@ def test_describe_sends_counts_only(consortium, run_identity) -> None:
     msg = Message(RecordDict({"config": _config(cfg, sites)}), dst_node_id=100, message_type="query.describe")
     reply = client_app.describe(msg, node_context(0, len(sites)))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    info = json.loads(reply.content["site"]["info"])
+    assert set(reply.content.keys()) == {"info", "site"}
+    info = json.loads(reply.content["info"]["info"])
     assert set(info) == {"site", "patients-train", "patients-val", "patients-test"}
     assert all(isinstance(v, int) for k, v in info.items() if k != "site")
     assert not any(pid in _all_text(reply) for pid in _patient_ids(cfg, "site_a"))
