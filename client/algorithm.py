@@ -166,6 +166,27 @@ class SiteAlgorithm:
         tmp.replace(self.cache_dir / "signatures.csv")
         return table
 
+    @cached_property
+    def clinical(self) -> pd.DataFrame:
+        """Clinical-radiological predictors as numbers (index patient_id); see client.site_table."""
+        from client.site_table import encode_clinical
+        from shared.cohort import load_patients
+
+        return encode_clinical(load_patients(self.site_dir, self.cfg))
+
+    def site_table(self) -> pd.DataFrame:
+        """Signatures + clinical predictors + fusion scores: what federated queries read (never sent)."""
+        from client.site_table import build_site_table, read_scores
+
+        return build_site_table(self.load_signatures(), self.clinical, read_scores(self.cache_dir))
+
+    def apply_fusion(self, models: dict) -> dict:
+        """Score every patient with the fitted fusion models (kept on site); SHAP sums come back."""
+        from client.site_table import apply_fusion
+
+        return apply_fusion(self.site_table(), models, self.cache_dir, min_count=self.cfg.privacy.min_cell_count,
+                            site=self.site)
+
     def load_signatures(self) -> pd.DataFrame:
         path = self.cache_dir / "signatures.csv"
         if not path.is_file():

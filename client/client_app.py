@@ -164,8 +164,19 @@ def _signatures(algo: SiteAlgorithm, msg: Message) -> RecordDict:
 def _stats(algo: SiteAlgorithm, msg: Message) -> RecordDict:
     specs = unpack_json(str(msg.content["config"]["queries"]))
     values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
-    answer = answer_queries(algo.load_signatures(), specs, values, site=algo.site,
+    answer = answer_queries(algo.site_table(), specs, values, site=algo.site,
                             min_count=algo.cfg.privacy.min_cell_count)
+    arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
+    return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
+
+
+def _fusion(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+    from shared.fusion import models_from_payload
+
+    columns = unpack_json(str(msg.content["config"]["fusion-models"]))
+    models = models_from_payload(record_to_arrays(msg.content["arrays"]), columns)
+    answer = algo.apply_fusion(models)
     arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
     return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
@@ -187,6 +198,12 @@ def train(msg: Message, context: Context) -> Message:
 def signatures(msg: Message, context: Context) -> Message:
     """Compute every patient's signatures with the final weights and keep them on site."""
     return _reply(msg, context, _signatures)
+
+
+@app.evaluate("fusion")
+def fusion(msg: Message, context: Context) -> Message:
+    """Score every patient with the fitted fusion models; scores and SHAP stay on site, SHAP sums go back."""
+    return _reply(msg, context, _fusion)
 
 
 @app.evaluate("stats")

@@ -118,6 +118,8 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
                 if pd.notna(row.auc):
                     store.log_metric(run_id, "evaluate", row.site, f"{row.backbone}/auc", float(row.auc),
                                      split=row.split, n=int(row.n_pos + row.n_neg))
+        if cfg.fusion.enabled:
+            run_fusion_analysis(orch, cfg, run_dir, store, run_id, sim_sites=sim_sites)
         store.finish_run(run_id, "completed")
         return table
     except KeyboardInterrupt:
@@ -129,6 +131,59 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
         raise
     finally:
         store.close()
+
+
+def fusion_transport(orch: Any) -> Any:
+    """Send the fitted fusion models to every site (``evaluate.fusion``); SHAP sums and counts come back."""
+    from flwr.app import Message, RecordDict
+
+    from shared.fusion import models_to_payload
+    from shared.records import arrays_to_record, pack_json, record_to_arrays
+
+    def send(models: dict) -> dict[str, dict]:
+        arrays, columns = models_to_payload(models)
+        msgs = [Message(content=RecordDict({"arrays": arrays_to_record(arrays),
+                                            "config": orch._config(**{"fusion-models": pack_json(columns)})}),
+                        message_type="evaluate.fusion", dst_node_id=n.node_id) for n in orch.nodes]
+        replies = list(orch.grid.send_and_receive(msgs, timeout=orch.timeout))
+        ok = orch._record_failures("analysis", None, [n.node_id for n in orch.nodes], replies)
+        out: dict[str, dict] = {}
+        for m in ok:
+            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"]))
+            vals.update(dict(m.content["metrics"].items()))
+            out[str(m.content["site"]["name"])] = vals
+        return out
+
+    return send
+
+
+def run_fusion_analysis(orch: Any, cfg: RectalFLConfig, run_dir: Path, store: Any, run_id: str, *,
+                        sim_sites: list[dict] | None) -> None:
+    """Fusion models, tables and curve data (``server.analysis``), then the HTML report."""
+    from server.analysis import pooled_reference, run_analysis
+
+    roles = orch.roles()
+    with store.stage(run_id, "analysis"):
+        ref = pooled_reference(cfg, sim_sites, roles) if sim_sites and cfg.fusion.pooled_reference else None
+        res = run_analysis(orch.stats_transport, fusion_transport(orch), cfg, roles, run_dir, reference=ref)
+        for name in res.tables:
+            store.add_artefact(run_id, "table", run_dir / "tables" / f"{name}.csv", run_dir)
+        store.add_artefact(run_id, "model", run_dir / "models" / "fusion.npz", run_dir,
+                           meta={"metadata": "models/fusion.json"})
+        for row in res.tables["table3_performance"].itertuples():
+            if pd.notna(row.auc):
+                split = {"training": "train", "internal_test": "test"}.get(row.cohort, row.cohort)
+                store.log_metric(run_id, "analysis", f"cohort:{row.cohort}", f"{row.model}/auc", float(row.auc),
+                                 split=split, n=int(row.n_pos + row.n_neg))
+    try:
+        from server.report import build_report
+    except ImportError:  # pragma: no cover - the report module lands separately
+        logger.warning("server.report is not available; tables are in %s/tables", run_dir)
+        return
+    with store.stage(run_id, "report"):
+        path = build_report(run_dir)
+        store.add_artefact(run_id, "report", path, run_dir)
+        logger.info("report: %s", path)
 
 
 def write_table(df: pd.DataFrame, path: Path, store: Any, run_id: str, run_dir: Path) -> None:

@@ -201,6 +201,29 @@ class PrivacyConfig(_Section):
     dp_max_grad_norm: float = Field(1.0, gt=0)
 
 
+class FusionConfig(_Section):
+    """Fusion models (FDL, CR, CRD and the study's variants): federated RBF-SVMs, see shared.fusion."""
+
+    enabled: bool = True
+    variants: bool = True
+    """Also fit the single-sequence, pairwise, pre-only, post-only and signatures+delta variants."""
+    clinical_predictors: list[str] = Field(default_factory=lambda: [
+        "age", "sex_male", "hb", "cea", "ca19_9", "pre_ld", "post_ld", "pre_mwt", "post_mwt", "pre_dtav",
+        "post_dtav", "t_stage", "n_stage", "crm", "emvi"])
+    """Candidate clinical-radiological predictors (columns of patients.csv; sex -> sex_male, T/N stage -> number)."""
+    p_univariate: float = Field(0.10, gt=0, lt=1)
+    p_multivariate: float = Field(0.05, gt=0, lt=1)
+    C_grid: list[float] = Field(default_factory=lambda: [0.1, 1.0, 10.0], min_length=1)
+    gamma_factors: list[float] = Field(default_factory=lambda: [0.25, 1.0, 4.0], min_length=1)
+    """RBF gamma candidates as multiples of 1 / n_inputs (scikit-learn's gamma="scale" on standardised inputs)."""
+    n_components: int = Field(64, ge=8, le=1024)
+    """Random Fourier features approximating the RBF kernel."""
+    threshold: float = Field(0.5, gt=0, lt=1)
+    """Probability at or above which a patient is predicted a good responder (accuracy, sensitivity, ...)."""
+    pooled_reference: bool = True
+    """Simulation only: also fit scikit-learn's SVC on the pooled rows, as the reference (never in deployment)."""
+
+
 class RectalFLConfig(_Section):
     """The whole configuration of a run, a site or a server."""
 
@@ -218,6 +241,7 @@ class RectalFLConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
 
     def digest(self) -> str:
         """Short hash of the resolved config (stored with models and the run record)."""

@@ -25,7 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shared.stats import PROTOCOLS, FederatedProtocol, Final, Suppression
+from shared.fusion import FusionSVMProtocol
+from shared.stats import PROTOCOLS, FederatedProtocol, Final, Grid, Suppression, TableSpec
+
+#: Every protocol a query may name (the statistics engine's plus the fusion SVM).
+QUERY_PROTOCOLS: dict[str, type[FederatedProtocol]] = {**PROTOCOLS, FusionSVMProtocol.name: FusionSVMProtocol}
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +50,43 @@ class Query:
     error: str | None = None
     dropped: list[str] = field(default_factory=list)
     """Sites that did not answer the first round, hence are not in the result."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More of the agreed spec, JSON-able (e.g. ``{"table": table_spec_to_json(spec)}`` for table_one)."""
 
     def spec(self) -> dict[str, Any]:
-        return {"protocol": self.protocol.name, "columns": self.columns, "splits": self.splits}
+        return {"protocol": self.protocol.name, "columns": self.columns, "splits": self.splits, **self.extra}
+
+
+def table_spec_to_json(spec: TableSpec) -> dict[str, Any]:
+    """A :class:`TableSpec` as JSON-able dict (grids as edges + points)."""
+    return {"group": spec.group, "groups": list(spec.groups), "columns": list(spec.columns),
+            "levels": {k: list(v) for k, v in spec.levels.items()}, "nonnormal": list(spec.nonnormal),
+            "grids": {k: {"edges": g.edges.tolist(), "points": g.points.tolist()} for k, g in spec.grids.items()},
+            "equal_var": spec.equal_var}
+
+
+def table_spec_from_json(d: Mapping[str, Any]) -> TableSpec:
+    return TableSpec(d["group"], tuple(d["groups"]), tuple(d["columns"]), {k: list(v) for k, v in d["levels"].items()},
+                     tuple(d["nonnormal"]),
+                     {k: Grid(np.asarray(g["edges"]), np.asarray(g["points"])) for k, g in d["grids"].items()},
+                     bool(d["equal_var"]))
+
+
+def site_data(protocol: str, rows: pd.DataFrame, cols: list[str], spec: Mapping[str, Any]) -> tuple:
+    """The local data a protocol's ``site_step`` takes, from the rows of the site table.
+
+    ``table_one`` gets the rows with a label (missing values are its business); the model-fitting
+    protocols get rows complete in the label and every column (a row with a gap is left out and
+    counted by the protocol's n); the score protocols get ``(y, column, ...)``.
+    """
+    if protocol == "table_one":
+        tspec = table_spec_from_json(spec["table"])
+        return rows.dropna(subset=["label"]).assign(label=lambda d: d["label"].astype(int)), tspec
+    rows = rows.dropna(subset=["label", *cols])
+    y = rows["label"].to_numpy(dtype=float).astype(int)
+    if protocol in ("logistic", "select_predictors"):
+        return rows[cols].reset_index(drop=True).astype(float), y
+    return (y, *(rows[c].to_numpy(dtype=float) for c in cols))
 
 
 def _prefix(qid: str, d: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,16 +121,15 @@ def answer_queries(table: pd.DataFrame, specs: Mapping[str, Mapping[str, Any]], 
     params = _unprefix(values)
     out: dict[str, Any] = {}
     for qid, spec in specs.items():
-        proto = PROTOCOLS.get(str(spec["protocol"]))
+        proto = QUERY_PROTOCOLS.get(str(spec["protocol"]))
         if proto is None:
-            raise ValueError(f"unknown statistics protocol {spec['protocol']!r}; known: {sorted(PROTOCOLS)}")
+            raise ValueError(f"unknown statistics protocol {spec['protocol']!r}; known: {sorted(QUERY_PROTOCOLS)}")
         cols = list(spec["columns"])
         missing = [c for c in cols if c not in table.columns]
         if missing:
             raise ValueError(f"site {site}: signature column(s) {missing} not found")
         rows = table[table["split"].isin(list(spec["splits"]))]
-        rows = rows.dropna(subset=["label", *cols])
-        data = (rows["label"].to_numpy(dtype=float).astype(int), *(rows[c].to_numpy(dtype=float) for c in cols))
+        data = site_data(str(spec["protocol"]), rows, cols, spec)
         p = {k: (np.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in params.get(qid, {}).items()}
         summary = proto.site_step(data, p, site=site, min_count=min_count)
         out.update(_prefix(qid, summary))

@@ -116,7 +116,7 @@ class FederatedProtocol(ABC):
                     if (site, q) not in seen:
                         self.suppressed.append(Suppression(site, q, REASONS[int(code)].format(k=k)))
                         seen.add((site, q))
-                        logger.info("disclosure control at %s: %s", site, q)
+                        logger.debug("disclosure control at %s: %s", site, q)
 
 
 def split_summary(summary: Summary) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:

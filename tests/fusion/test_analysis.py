@@ -1,0 +1,141 @@
+"""server.analysis on in-process sites: tables, curves, scores kept on site, no tuning on test/external rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from server.analysis import InProcessSites, run_analysis
+from shared.config import parse_config
+
+SIGS = ["pre_t2w", "post_t2w", "pre_dwi", "post_dwi"]
+ROLES = {"site_a": "train", "site_b": "train", "site_c": "train", "ext": "external"}
+
+
+def site_table(rng: np.random.Generator, site: str, n: int, external: bool) -> pd.DataFrame:
+    y = (rng.random(n) < 0.4).astype(int)
+    df = pd.DataFrame({"patient_id": [f"{site}-{i:03d}" for i in range(n)], "label": y})
+    df["split"] = "external" if external else np.where(rng.random(n) < 0.7, "train", "test")
+    for j, s in enumerate(SIGS):
+        df[s] = np.clip(0.5 + (0.15 + 0.05 * j) * (y - 0.5) + rng.normal(0, 0.18, n), 0, 1)
+    for seq in ("t2w", "dwi"):
+        df[f"delta_{seq}"] = df[f"pre_{seq}"] - df[f"post_{seq}"]
+    df["age"] = rng.normal(60, 10, n).round()
+    df["sex_male"] = (rng.random(n) < 0.6).astype(float)
+    df["post_ld"] = rng.normal(35 - 12 * y, 8, n).round(1)
+    df["cea"] = rng.lognormal(1.2, 0.8, n).round(2)
+    df["t_stage"] = rng.choice([2.0, 3.0, 4.0], n)
+    df["crm"] = (rng.random(n) < 0.3).astype(float)
+    return df
+
+
+def config(tmp: Path):
+    return parse_config({
+        "seed": 3, "data": {"sequences": ["t2w", "dwi"], "timepoints": ["pre", "post"]},
+        "privacy": {"min_cell_count": 3},
+        "fusion": {"variants": False, "clinical_predictors": ["age", "sex_male", "post_ld", "cea", "t_stage", "crm"],
+                   "n_components": 32},
+    }, source="test")
+
+
+def tables(seed: int = 0) -> dict[str, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    return {s: site_table(rng, s, n, ROLES[s] == "external") for s, n in
+            (("site_a", 90), ("site_b", 80), ("site_c", 70), ("ext", 60))}
+
+
+def analyse(tmp: Path, tabs: dict[str, pd.DataFrame]):
+    sites = InProcessSites(tabs, {s: tmp / "cache" / s for s in tabs}, min_count=3)
+    return run_analysis(sites.transport, sites.fusion, config(tmp), ROLES, tmp / "run"), sites
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("analysis")
+    tabs = tables()
+    res, _ = analyse(tmp, tabs)
+    return tmp, tabs, res
+
+
+REQUIRED = {
+    "table1_baseline": ["cohort", "variable", "level", "good_response", "poor_response", "p_value", "test", "note"],
+    "table2_odds_ratios": ["predictor", "uni_or", "uni_lo", "uni_hi", "uni_p", "multi_or", "multi_lo", "multi_hi",
+                           "multi_p", "selected"],
+    "table3_performance": ["model", "cohort", "n_pos", "n_neg", "accuracy", "auc", "auc_lo", "auc_hi", "sensitivity",
+                           "specificity", "f1", "threshold", "note"],
+    "delong": ["cohort", "model_a", "model_b", "auc_a", "auc_b", "diff", "p", "note"],
+    "calibration": ["model", "cohort", "brier", "ece", "slope", "intercept", "note"],
+    "per_site": ["model", "site", "role", "split", "n_pos", "n_neg", "auc", "auc_lo", "auc_hi", "accuracy",
+                 "sensitivity", "specificity", "f1", "note"],
+    "fusion_models": ["model", "inputs", "C", "gamma", "n_components", "cv_auc", "platt_a", "platt_b", "rounds"],
+    "shap_importance": ["model", "feature", "mean_abs_shap", "n_patients", "note"],
+    "suppressions": ["quantity", "site", "reason"],
+}
+
+
+def test_tables_and_curves_written(result):
+    tmp, tabs, res = result
+    for name, cols in REQUIRED.items():
+        df = pd.read_csv(tmp / "run" / "tables" / f"{name}.csv")
+        assert set(cols) <= set(df.columns), (name, set(cols) - set(df.columns))
+    perf = pd.read_csv(tmp / "run" / "tables" / "table3_performance.csv")
+    assert {"FDL", "CR", "CRD"} <= set(perf["model"])
+    assert set(perf["cohort"]) == {"training", "internal_test", "external"}
+    fdl_ext = perf[(perf.model == "FDL") & (perf.cohort == "external")].iloc[0]
+    n_ext = tabs["ext"]["label"].value_counts()
+    assert (fdl_ext.n_pos, fdl_ext.n_neg) == (n_ext[1], n_ext[0])
+    assert fdl_ext.auc > 0.7  # the signatures carry signal
+    t2 = pd.read_csv(tmp / "run" / "tables" / "table2_odds_ratios.csv")
+    assert "post_ld" in set(t2.loc[t2.selected, "predictor"])  # the planted predictor is found
+    curves = json.loads((tmp / "run" / "report_data" / "curves.json").read_text())
+    assert {"roc", "calibration", "decision", "distributions"} <= set(curves)
+    roc = curves["roc"][0]
+    assert roc["fpr"][0] == 0 and roc["tpr"][-1] == 1 and len(roc["tpr_lo"]) == len(roc["tpr"])
+    dist = curves["distributions"][0]
+    assert len(dist["edges"]) == len(dist["good"]) + 1
+    shap = pd.read_csv(tmp / "run" / "tables" / "shap_importance.csv")
+    assert (shap["mean_abs_shap"] > 0).all()
+
+
+def test_scores_and_shap_stay_on_site(result):
+    tmp, tabs, res = result
+    for site, df in tabs.items():
+        scores = pd.read_csv(tmp / "cache" / site / "fusion_scores.csv", dtype={"patient_id": str})
+        assert list(scores["patient_id"]) == list(df["patient_id"])
+        assert {"fusion_FDL", "fusion_CR", "fusion_CRD"} <= set(scores.columns)
+        assert scores["fusion_FDL"].between(0, 1).all()
+    # per-patient SHAP only where there are training patients
+    assert (tmp / "cache" / "site_a" / "fusion_shap.csv").is_file()
+    assert not (tmp / "cache" / "ext" / "fusion_shap.csv").exists()
+
+
+def test_no_tuning_step_touches_test_or_external_patients(result, tmp_path):
+    tmp, tabs, res = result
+    for q in res.fit_queries:
+        assert q.splits == ["train", "val"], q.qid
+        assert set(q.sites) == {"site_a", "site_b", "site_c"}, q.qid
+    # scramble every test and external patient: the fitted models do not move, the evaluation does
+    rng = np.random.default_rng(99)
+    scrambled = {}
+    for s, df in tabs.items():
+        df = df.copy()
+        held_out = df["split"].isin(["test", "external"])
+        for c in [*SIGS, "post_ld", "age"]:
+            df.loc[held_out, c] = rng.permutation(df.loc[held_out, c].to_numpy())
+        df.loc[held_out, "label"] = rng.permutation(df.loc[held_out, "label"].to_numpy())
+        scrambled[s] = df
+    res2, _ = analyse(tmp_path, scrambled)
+    assert set(res2.models) == set(res.models)
+    for name, m in res.models.items():
+        m2 = res2.models[name]
+        assert (m2.C, m2.gamma) == (m.C, m.gamma)
+        np.testing.assert_array_equal(m2.coef, m.coef)
+        assert (m2.platt_a, m2.platt_b) == (m.platt_a, m.platt_b)
+    before = res.tables["table3_performance"].set_index(["model", "cohort"])["auc"]
+    after = res2.tables["table3_performance"].set_index(["model", "cohort"])["auc"]
+    assert before.loc[("FDL", "training")] == after.loc[("FDL", "training")]
+    assert before.loc[("FDL", "external")] != after.loc[("FDL", "external")]
