@@ -256,7 +256,7 @@ def run_analysis(transport: Transport, fusion_transport: FusionTransport, cfg: R
     say(f"fitting {len(res.specs)} fusion model(s) by federated cross-validation")
     fits = [Query(f"fit@{s.name}", FusionSVMProtocol(len(s.inputs), cfg.fusion.C_grid, cfg.fusion.gamma_factors,
                                                      cfg.fusion.n_components, cfg.split.cv_folds, cfg.seed,
-                                                     min_count=k),
+                                                     loss=cfg.fusion.loss, huber_h=cfg.fusion.huber_h, min_count=k),
                   list(s.inputs), COHORT_SPLITS[TRAINING], train_sites) for s in res.specs]
     run_queries(fits, transport, max_rounds=400)
     res.fit_queries = fits

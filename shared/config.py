@@ -218,6 +218,9 @@ class FusionConfig(_Section):
     """RBF gamma candidates as multiples of 1 / n_inputs (scikit-learn's gamma="scale" on standardised inputs)."""
     n_components: int = Field(64, ge=8, le=1024)
     """Random Fourier features approximating the RBF kernel."""
+    loss: Literal["squared_hinge", "huber_hinge"] = "squared_hinge"
+    """squared_hinge: ~15 rounds. huber_hinge (closer to libsvm's hinge loss): ~80 rounds, see README."""
+    huber_h: float = Field(0.1, gt=0, le=1)
     threshold: float = Field(0.5, gt=0, lt=1)
     """Probability at or above which a patient is predicted a good responder (accuracy, sensitivity, ...)."""
     pooled_reference: bool = True

@@ -49,6 +49,7 @@ from shared.stats.histogram import Cells, Grid, mann_whitney_cells
 from shared.stats.protocol import (
     EXCLUDED_CLASS,
     MERGED,
+    WITHHELD_TERMS,
     FederatedProtocol,
     Final,
     Params,
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_C = (0.1, 1.0, 10.0)
 #: ``gamma = factor / n_features`` (scikit-learn's ``gamma="scale"`` on standardised inputs is 1 / n_features).
 DEFAULT_GAMMA_FACTORS = (0.25, 1.0, 4.0)
-WITHHELD_ACTIVE = 6
+LOSSES = ("squared_hinge", "huber_hinge")
 PHASE_MOMENTS, PHASE_CV, PHASE_SCORE, PHASE_FINAL = 0, 1, 2, 3
 
 
@@ -216,8 +217,13 @@ class FusionSVMProtocol(FederatedProtocol):
 
     def __init__(self, n_features: int, C_grid: Sequence[float] = DEFAULT_C,
                  gamma_factors: Sequence[float] = DEFAULT_GAMMA_FACTORS, n_components: int = 64, n_folds: int = 5,
-                 seed: int = 0, *, tol: float = 1e-9, max_iter: int = 60, min_count: int = 1) -> None:
+                 seed: int = 0, *, loss: str = "squared_hinge", huber_h: float = 0.5, tol: float = 1e-9,
+                 max_iter: int = 60, min_count: int = 1) -> None:
         super().__init__(min_count=min_count)
+        if loss not in LOSSES or not 0 < huber_h <= 1:
+            raise ValueError(f"loss must be one of {LOSSES} and 0 < huber_h <= 1, got {loss!r}, {huber_h}")
+        self.loss = loss
+        self.huber_h = float(huber_h) if loss == "huber_hinge" else 0.0
         if n_features < 1 or n_components < 2 or n_folds < 2:
             raise ValueError("need n_features >= 1, n_components >= 2 and n_folds >= 2")
         self.d, self.D, self.k = int(n_features), int(n_components), int(n_folds)
@@ -236,6 +242,7 @@ class FusionSVMProtocol(FederatedProtocol):
         self.included: list[str] = []
         self.problems: list[tuple[int, int, int]] = []  # (gamma index, C index, fold or -1)
         self.solvers: list[_Newton] = []
+        self.stage: list[int] = []
         self.withheld = 0
         self.best: int | None = None
         self.cv_aucs: list[float] = []
@@ -255,6 +262,7 @@ class FusionSVMProtocol(FederatedProtocol):
             p["prob.gamma"] = np.array([self.problems[i][0] for i in active], dtype=np.int64)
             p["prob.fold"] = np.array([self.problems[i][2] for i in active], dtype=np.int64)
             p["prob.w"] = np.stack([self.solvers[i].w_try for i in active])
+            p["prob.h"] = np.array([self.huber_h if self.stage[i] else 0.0 for i in active])
         if self.phase == PHASE_SCORE:
             p["cv.w"] = np.stack([s.w for s in self.solvers])  # (n_cands * k, D + 1)
             p["cv.gamma"] = np.array([c[0] for c in self.cands], dtype=np.int64)
@@ -295,26 +303,36 @@ class FusionSVMProtocol(FederatedProtocol):
             W = np.atleast_2d(np.asarray(params["prob.w"], dtype=np.float64))
             gam, fold = np.asarray(params["prob.gamma"]), np.asarray(params["prob.fold"])
             D1 = W.shape[1]
+            hs = np.asarray(params.get("prob.h", np.zeros(len(W))), dtype=np.float64)
             iu = _triu(D1)
             s_all, S_all = np.zeros((len(W), D1)), np.zeros((len(W), iu[0].size))
             loss, n_act, withheld = np.zeros(len(W)), np.zeros(len(W), np.int64), np.zeros(len(W), np.int64)
-            for i, (w, g, f) in enumerate(zip(W, gam, fold, strict=True)):
+            for i, (w, g, f, h) in enumerate(zip(W, gam, fold, hs, strict=True)):
                 rows = folds != f
                 Zr = np.column_stack([Z[int(g)][rows], np.ones(rows.sum())])
                 yr = ys[rows]
                 slack = 1.0 - yr * (Zr @ w)
-                act = slack > 0
-                n_act[i] = act.sum()
+                if h > 0:  # Huber hinge: linear where slack > h, quadratic where |slack| <= h
+                    lin, act = slack > h, np.abs(slack) <= h
+                    n_act[i] = (lin | act).sum()
+                    coef = np.where(lin, 1.0, np.where(act, (slack + h) / (2 * h), 0.0))
+                    curv, loss_i = act / (2 * h), np.where(lin, slack, np.where(act, (slack + h) ** 2 / (4 * h), 0.0))
+                else:  # squared hinge
+                    act = slack > 0
+                    n_act[i] = act.sum()
+                    coef, curv = 2.0 * np.maximum(slack, 0.0), 2.0 * act
+                    loss_i = np.maximum(slack, 0.0) ** 2
                 if 0 < n_act[i] < k:
                     withheld[i] = 1
                     continue
-                Za = Zr[act]
-                s_all[i] = (yr[act] * slack[act]) @ Za
-                S_all[i] = (Za.T @ Za)[iu]
-                loss[i] = float(slack[act] @ slack[act])
+                used = coef > 0
+                s_all[i] = (yr[used] * coef[used]) @ Zr[used]
+                Zc = Zr[curv > 0]
+                S_all[i] = ((Zc * curv[curv > 0][:, None]).T @ Zc)[iu]
+                loss[i] = float(loss_i.sum())
             out.update({"newton.s": s_all, "newton.S": S_all, "newton.loss": loss, "newton.withheld": withheld})
             if withheld.any():
-                out["supp.fusion_svm.active_set"] = WITHHELD_ACTIVE
+                out["supp.fusion_svm.active_set"] = WITHHELD_TERMS
         if phase == PHASE_SCORE:
             W = np.asarray(params["cv.w"], dtype=np.float64)
             gam = np.asarray(params["cv.gamma"])
@@ -379,6 +397,7 @@ class FusionSVMProtocol(FederatedProtocol):
         self.scale = np.where(var > 1e-24, np.sqrt(var), 1.0)
         self.problems = [(gi, ci, f) for gi, ci in self.cands for f in range(self.k)]
         self.solvers = [_Newton(np.zeros(self.D + 1), self.tol, self.max_iter) for _ in self.problems]
+        self.stage = [0] * len(self.problems)
         self.phase = PHASE_CV
         return self._params()
 
@@ -396,9 +415,13 @@ class FusionSVMProtocol(FederatedProtocol):
             w = self.solvers[i].w_try
             wp = w * (reg == 1)
             J = 0.5 * float(wp @ wp) + C * float(loss[j])
-            g = wp - 2.0 * C * s[j]
-            H = np.diag(reg) + 2.0 * C * _unpack_sym(S[j], self.D + 1)
+            g = wp - C * s[j]
+            H = np.diag(reg) + C * _unpack_sym(S[j], self.D + 1)
             self.solvers[i].update(J, g, H, exact=not held[j])
+            if self.solvers[i].done and self.huber_h > 0 and not self.stage[i]:
+                # squared hinge solved: continue from there with the Huber hinge (Chapelle 2007)
+                self.stage[i] = 1
+                self.solvers[i] = _Newton(self.solvers[i].w.copy(), self.tol, self.max_iter)
 
     def _score(self, inc: list[Summary]) -> None:
         nb = Grid.probability().n_bins
@@ -412,6 +435,7 @@ class FusionSVMProtocol(FederatedProtocol):
         gi, ci = self.cands[self.best]
         self.problems.append((gi, ci, -1))
         self.solvers.append(_Newton(self.cv_solvers_of(self.best)[0].w.copy(), self.tol, self.max_iter))
+        self.stage.append(0)
         self.platt = _Newton(np.array([-1.0, 0.0]), self.tol, self.max_iter)
         self.phase = PHASE_FINAL
 
@@ -455,13 +479,15 @@ class FederatedSVC:
     """
 
     def __init__(self, C_grid: Sequence[float] = DEFAULT_C, gamma_factors: Sequence[float] = DEFAULT_GAMMA_FACTORS,
-                 n_components: int = 64, n_folds: int = 5, seed: int = 0, min_count: int = 1) -> None:
+                 n_components: int = 64, n_folds: int = 5, seed: int = 0, min_count: int = 1,
+                 loss: str = "squared_hinge", huber_h: float = 0.5) -> None:
         self.C_grid, self.gamma_factors = C_grid, gamma_factors
         self.n_components, self.n_folds, self.seed, self.min_count = n_components, n_folds, seed, min_count
+        self.loss, self.huber_h = loss, huber_h
 
     def protocol(self, n_features: int) -> FusionSVMProtocol:
         return FusionSVMProtocol(n_features, self.C_grid, self.gamma_factors, self.n_components, self.n_folds,
-                                 self.seed, min_count=self.min_count)
+                                 self.seed, loss=self.loss, huber_h=self.huber_h, min_count=self.min_count)
 
     def fit(self, X: Any, y: Any, sites: Any = None) -> FederatedSVC:
         X, y = _check_xy(X, y)

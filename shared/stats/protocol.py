@@ -51,12 +51,14 @@ MERGED = 2
 EXCLUDED_CELL = 3
 WITHHELD_BIN = 4
 EXCLUDED_GROUP = 5
+WITHHELD_TERMS = 6
 REASONS: dict[int, str] = {
     EXCLUDED_CLASS: "site excluded from this quantity: an outcome class has 0 < n < min_count={k} patients",
     MERGED: "histogram coarsened: cells with 0 < count < min_count={k} merged with neighbouring cells",
     EXCLUDED_CELL: "site excluded from this quantity: a table cell has 0 < count < min_count={k}",
     WITHHELD_BIN: "bin withheld: 0 < patients, cases or non-cases < min_count={k} in it",
     EXCLUDED_GROUP: "site excluded from this quantity: a group has 0 < n < min_count={k} patients",
+    WITHHELD_TERMS: "site's terms withheld in a round: 0 < patients on or over the margin < min_count={k}",
 }
 SUPP = "supp."
 MAX_ROUNDS = 1000
