@@ -455,9 +455,13 @@ def pooled_reference(cfg: RectalFLConfig, sim_sites: list[dict], roles: Mapping[
 
     tables = {}
     for s in sim_sites:
+        path = Path(s["cache_dir"]) / "signatures.csv"
         if s["name"] not in roles:
             continue
-        sig = pd.read_csv(Path(s["cache_dir"]) / "signatures.csv", dtype={"patient_id": str})
+        if not path.is_file():
+            logger.warning("pooled reference skipped: %s has no signatures (%s)", s["name"], path)
+            return lambda spec: {}
+        sig = pd.read_csv(path, dtype={"patient_id": str})
         tables[s["name"]] = build_site_table(sig, encode_clinical(load_patients(s["data_dir"], cfg)), None)
     groups = cohorts(roles)
 

@@ -139,3 +139,21 @@ def test_a_failing_site_is_recorded_and_the_round_goes_on(tiny_consortium, tmp_p
     table = pd.read_csv(run_dir / "tables" / "signature_auc.csv")
     pooled = table[table["site"] == "pooled (training sites)"]
     assert pooled["auc"].notna().all() and pooled["note"].str.contains("without site_c").all()
+
+
+def test_fusion_analysis_runs_over_flower(fed_run) -> None:
+    """The analysis stage ran through real Flower messages: tables, fusion models, scores kept on site."""
+    cfg, run_dir = fed_run
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        stages = store.stages(store.runs()["run_id"].iloc[0])
+        assert stages.set_index("name").loc["analysis", "status"] == "completed"
+    perf = pd.read_csv(run_dir / "tables" / "table3_performance.csv")
+    assert "FDL" in set(perf["model"]) and {"training", "internal_test", "external"} <= set(perf["cohort"])
+    fits = pd.read_csv(run_dir / "tables" / "fusion_models.csv").set_index("model")
+    assert fits.loc["FDL", "C"] in cfg.fusion.C_grid and fits.loc["FDL", "rounds"] > 2
+    assert (run_dir / "models" / "fusion.npz").is_file()
+    for site in ("site_a", "ext"):
+        scores = pd.read_csv(Path(cfg.cache_root) / site / "fusion_scores.csv")
+        assert scores["fusion_FDL"].between(0, 1).all()
+    audit = [json.loads(x) for x in (Path(cfg.cache_root) / "ext" / "audit.jsonl").read_text().splitlines()]
+    assert any(e["message_type"] == "evaluate.fusion" for e in audit)
