@@ -377,6 +377,21 @@ def simulate(
         _fail(f"{exc}\nthe run record keeps what finished; continue with --resume RUN_DIR")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (printed at the end of every run).")],
+) -> None:
+    """(Re)build a run's report: figures/*.png and a self-contained report.html from its tables."""
+    from server.report import ReportError, build_report
+
+    try:
+        with console.status("rendering figures and report.html"):
+            path = build_report(run_dir)
+    except ReportError as exc:
+        _fail(str(exc))
+    out.print(f"report: {path}  (tables in {run_dir / 'tables'}, figures in {run_dir / 'figures'})")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

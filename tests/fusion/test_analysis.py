@@ -3,63 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
-from server.analysis import InProcessSites, run_analysis
-from shared.config import parse_config
-
-SIGS = ["pre_t2w", "post_t2w", "pre_dwi", "post_dwi"]
-ROLES = {"site_a": "train", "site_b": "train", "site_c": "train", "ext": "external"}
-
-
-def site_table(rng: np.random.Generator, site: str, n: int, external: bool) -> pd.DataFrame:
-    y = (rng.random(n) < 0.4).astype(int)
-    df = pd.DataFrame({"patient_id": [f"{site}-{i:03d}" for i in range(n)], "label": y})
-    df["split"] = "external" if external else np.where(rng.random(n) < 0.7, "train", "test")
-    for j, s in enumerate(SIGS):
-        df[s] = np.clip(0.5 + (0.15 + 0.05 * j) * (y - 0.5) + rng.normal(0, 0.18, n), 0, 1)
-    for seq in ("t2w", "dwi"):
-        df[f"delta_{seq}"] = df[f"pre_{seq}"] - df[f"post_{seq}"]
-    df["age"] = rng.normal(60, 10, n).round()
-    df["sex_male"] = (rng.random(n) < 0.6).astype(float)
-    df["post_ld"] = rng.normal(35 - 12 * y, 8, n).round(1)
-    df["cea"] = rng.lognormal(1.2, 0.8, n).round(2)
-    df["t_stage"] = rng.choice([2.0, 3.0, 4.0], n)
-    df["crm"] = (rng.random(n) < 0.3).astype(float)
-    return df
-
-
-def config(tmp: Path):
-    return parse_config({
-        "seed": 3, "data": {"sequences": ["t2w", "dwi"], "timepoints": ["pre", "post"]},
-        "privacy": {"min_cell_count": 3},
-        "fusion": {"variants": False, "clinical_predictors": ["age", "sex_male", "post_ld", "cea", "t_stage", "crm"],
-                   "n_components": 32},
-    }, source="test")
-
-
-def tables(seed: int = 0) -> dict[str, pd.DataFrame]:
-    rng = np.random.default_rng(seed)
-    return {s: site_table(rng, s, n, ROLES[s] == "external") for s, n in
-            (("site_a", 90), ("site_b", 80), ("site_c", 70), ("ext", 60))}
-
-
-def analyse(tmp: Path, tabs: dict[str, pd.DataFrame]):
-    sites = InProcessSites(tabs, {s: tmp / "cache" / s for s in tabs}, min_count=3)
-    return run_analysis(sites.transport, sites.fusion, config(tmp), ROLES, tmp / "run"), sites
-
-
-@pytest.fixture(scope="module")
-def result(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("analysis")
-    tabs = tables()
-    res, _ = analyse(tmp, tabs)
-    return tmp, tabs, res
-
+from tests.fusion.conftest import SIGS, analyse
 
 REQUIRED = {
     "table1_baseline": ["cohort", "variable", "level", "good_response", "poor_response", "p_value", "test", "note"],
