@@ -188,6 +188,22 @@ def print_summary(run_dir: Path, console: Any, seconds: float | None = None) -> 
         for backbone, row in piv.iterrows():
             table.add_row(str(backbone), *("-" if pd.isna(v) else f"{v:.3f}" for v in row.values))
         console.print(table)
+    perf = run_dir / "tables" / "table3_performance.csv"
+    if perf.is_file():
+        p = pd.read_csv(perf)
+        table = Table(title="Fusion models - AUC [95% CI] per cohort (Table 3 of the report)")
+        cohorts = list(dict.fromkeys(p["cohort"]))
+        table.add_column("model")
+        for c in cohorts:
+            table.add_column(c, justify="right")
+        for model, g in p.groupby("model", sort=False):
+            g = g.set_index("cohort")
+            table.add_row(model, *("-" if pd.isna(g.loc[c, "auc"]) else
+                                   f"{g.loc[c, 'auc']:.3f} [{g.loc[c, 'auc_lo']:.2f}-{g.loc[c, 'auc_hi']:.2f}]"
+                                   for c in cohorts))
+        console.print(table)
+    if (run_dir / "report.html").is_file():
+        console.print(f"report: {run_dir / 'report.html'}")
     if seconds is not None:
         console.print(f"run directory: {run_dir}  ({seconds:.0f} s)")
     else:
