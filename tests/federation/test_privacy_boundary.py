@@ -139,3 +139,43 @@ def test_a_node_without_site_identity_gets_a_clear_error(consortium, run_identit
     reply = client_app.describe(msg, node_context(0, 1))
     assert reply.has_error()
     assert "--node-config" in reply.error.reason and "data-dir" in reply.error.reason
+
+
+def test_fusion_stage_keeps_scores_on_site_and_sends_shap_sums(consortium, run_identity) -> None:
+    """evaluate.fusion: the site scores its patients and keeps the scores; only SHAP sums and counts leave."""
+    from shared.fusion import FusionSVMProtocol, SVMModel, models_to_payload
+
+    cfg, sites = consortium
+    ctx = node_context(0, len(sites))
+    msg = Message(RecordDict({"arrays": states_to_record(initial_states(cfg)), "config": _config(cfg, sites)}),
+                  dst_node_id=100, message_type="evaluate.signatures")
+    assert not client_app.signatures(msg, ctx).has_error()
+    cols = signature_keys(cfg)
+    rng = np.random.default_rng(0)
+    model = SVMModel(cols, np.full(len(cols), 0.5), np.full(len(cols), 0.1), rng.normal(size=(len(cols), 16)),
+                     rng.uniform(0, 6.28, 16), rng.normal(size=16), 0.1, -1.0, 0.0, 1.0, 0.1)
+    arrays, columns = models_to_payload({"FDL": model})
+    content = RecordDict({"arrays": arrays_to_record(arrays), "config": _config(cfg, sites,
+                                                                                **{"fusion-models": pack_json(columns)})})
+    reply = client_app.fusion(Message(content, dst_node_id=100, message_type="evaluate.fusion"), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    sent = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert set(sent) == {"FDL|abs_shap"} and sent["FDL|abs_shap"].shape == (len(cols),)
+    assert set(reply.content["metrics"].keys()) == {"FDL|n", "FDL|scored", "FDL|withheld"}
+    scores = pd.read_csv(Path(cfg.cache_root) / "site_a" / "fusion_scores.csv", dtype={"patient_id": str})
+    assert scores["fusion_FDL"].notna().sum() == reply.content["metrics"]["FDL|scored"] > 0
+    text = _all_text(reply)
+    assert not any(pid in text for pid in _patient_ids(cfg, "site_a"))
+    assert not np.isin(np.round(scores["fusion_FDL"].to_numpy(), 6), np.round(sent["FDL|abs_shap"], 6)).any()
+
+    # one round of the fusion SVM fit: pooled moments only (counts, sums, sums of squares)
+    proto = FusionSVMProtocol(len(cols), min_count=1)
+    q_values = {f"fit|{k}": v for k, v in proto.start().items()}
+    spec = {"fit": {"protocol": proto.name, "columns": cols, "splits": ["train", "val"]}}
+    content = RecordDict({"config": _config(cfg, sites, queries=pack_json(spec)),
+                          "arrays": arrays_to_record({k: v for k, v in q_values.items() if isinstance(v, np.ndarray)}),
+                          "metrics": MetricRecord({k: v for k, v in q_values.items() if not isinstance(v, np.ndarray)})})
+    reply = client_app.stats(Message(content, dst_node_id=100, message_type="evaluate.stats"), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert {k.split("|")[1] for k in reply.content["arrays"].keys()} == {"sum", "sumsq"}
+    assert all(v.numpy().shape == (len(cols),) for v in reply.content["arrays"].values())
