@@ -289,7 +289,7 @@ padding:.25rem .5rem;text-align:right}th{background:#f3f6f9}td:first-child,th:fi
 tr.hl td{background:#fff4d6;font-weight:600}.na{color:#888;font-style:italic}.explain{color:#444;margin:.2rem 0}
 figure{display:inline-block;margin:.5rem;vertical-align:top}figure img{max-width:480px;border:1px solid #eee}
 figcaption{font-size:.8rem;color:#555;max-width:480px}.meta td{text-align:left}.matrix td{text-align:center}
-.small{font-size:.8rem;color:#555}
+.small{font-size:.8rem;color:#555}td:last-child{text-align:left;font-size:.75rem;color:#666;max-width:22rem}
 """
 
 
@@ -366,7 +366,8 @@ def build_report(run_dir: Path) -> Path:
         sections.append(f"<h4>{_label(c)}</h4>" + _table(perf[perf["cohort"] == c], {
             "model": "Model", "n_pos": "good", "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low",
             "auc_hi": "95% CI high", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
-            "specificity": "Specificity", "f1": "F1", "threshold": "Threshold"}, {"n_pos": "int", "n_neg": "int"}))
+            "specificity": "Specificity", "f1": "F1", "threshold": "Threshold", "note": "Note"},
+            {"n_pos": "int", "n_neg": "int"}))
     sections.append("<h2>Figures</h2>" + fig_block("roc", "ROC curves with pointwise 95% (Wilson) bands") +
                     fig_block("calibration", "Calibration (marker size ~ patients per bin)") +
                     fig_block("decision", "Decision curves") +
@@ -383,7 +384,8 @@ def build_report(run_dir: Path) -> Path:
                     _table(t["per_site"], {"model": "Model", "site": "Site", "role": "Role", "n_pos": "good",
                                            "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low",
                                            "auc_hi": "95% CI high", "accuracy": "Accuracy",
-                                           "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1"},
+                                           "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1",
+                                           "note": "Note"},
                            {"n_pos": "int", "n_neg": "int"}))
     shap_figs = "".join(_img(p, f"{k[5:]}: mean |SHAP| per input over the training cohort, aggregated from sites")
                         for k, p in figs.items() if k.startswith("shap_"))
