@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from client.site_table import SiteTables
 from client.train import (
     SliceSet,
     assign_splits,
@@ -50,8 +51,8 @@ class FitResult:
     metrics: dict[str, float]
 
 
-class SiteAlgorithm:
-    """A site's side of every stage.
+class SiteAlgorithm(SiteTables):
+    """A site's side of every stage (the table methods come from :class:`client.site_table.SiteTables`).
 
     Parameters
     ----------
@@ -66,10 +67,7 @@ class SiteAlgorithm:
     """
 
     def __init__(self, site: str, site_dir: Path, cache_dir: Path, cfg: RectalFLConfig, *, device: str | None = None):
-        self.site = site
-        self.site_dir = Path(site_dir)
-        self.cache_dir = Path(cache_dir)
-        self.cfg = cfg
+        super().__init__(site, site_dir, cache_dir, cfg)
         self.keys = signature_keys(cfg)
         self.device = resolve_device(device or cfg.train.device)
 
@@ -166,32 +164,6 @@ class SiteAlgorithm:
         tmp.replace(self.cache_dir / "signatures.csv")
         return table
 
-    @cached_property
-    def clinical(self) -> pd.DataFrame:
-        """Clinical-radiological predictors as numbers (index patient_id); see client.site_table."""
-        from client.site_table import encode_clinical
-        from shared.cohort import load_patients
-
-        return encode_clinical(load_patients(self.site_dir, self.cfg))
-
-    def site_table(self) -> pd.DataFrame:
-        """Signatures + clinical predictors + fusion scores: what federated queries read (never sent)."""
-        from client.site_table import build_site_table, read_scores
-
-        return build_site_table(self.load_signatures(), self.clinical, read_scores(self.cache_dir))
-
-    def apply_fusion(self, models: dict) -> dict:
-        """Score every patient with the fitted fusion models (kept on site); SHAP sums come back."""
-        from client.site_table import apply_fusion
-
-        return apply_fusion(self.site_table(), models, self.cache_dir, min_count=self.cfg.privacy.min_cell_count,
-                            site=self.site)
-
-    def load_signatures(self) -> pd.DataFrame:
-        path = self.cache_dir / "signatures.csv"
-        if not path.is_file():
-            raise FileNotFoundError(f"site {self.site}: no signatures yet ({path}); the signatures stage must run first")
-        return pd.read_csv(path, dtype={"patient_id": str})
 
 
 def fresh_states(cfg: RectalFLConfig) -> States:

@@ -29,13 +29,14 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
-from client.algorithm import SiteAlgorithm
+from client.site_table import SiteTables
 from shared.config import parse_config
 from shared.queries import answer_queries
 from shared.records import (
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 app = ClientApp()
 
-_CACHE: dict[tuple[str, str], SiteAlgorithm] = {}
+_CACHE: dict[tuple[str, str, bool], SiteTables] = {}
 SITE_ERROR_CODE = 4200
 
 
@@ -76,17 +77,24 @@ def site_identity(node_config: dict, sim_sites: list[dict] | None) -> dict:
     )
 
 
-def _algorithm(msg: Message, context: Context) -> SiteAlgorithm:
+def _algorithm(msg: Message, context: Context, light: bool = False) -> SiteTables:
+    """The site's algorithm object; ``light`` = tables only (no torch import: fast process start)."""
     conf = msg.content["config"]
     cfg_yaml = str(conf["rectalfl-config"])
     sim_sites = unpack_json(str(conf["sim-sites"])) if "sim-sites" in conf else None
     ident = site_identity(dict(context.node_config), sim_sites)
-    key = (ident["name"], cfg_yaml)
+    key = (ident["name"], cfg_yaml, light)
     if key not in _CACHE:
         import yaml
 
         cfg = parse_config(yaml.safe_load(cfg_yaml), source="config sent by the server")
-        _CACHE[key] = SiteAlgorithm(ident["name"], Path(ident["data_dir"]), Path(ident["cache_dir"]), cfg,
+        if light:
+            factory: type[SiteTables] = SiteTables
+        else:
+            from client.algorithm import SiteAlgorithm
+
+            factory = SiteAlgorithm
+        _CACHE[key] = factory(ident["name"], Path(ident["data_dir"]), Path(ident["cache_dir"]), cfg,
                                     device=ident.get("device"))
     return _CACHE[key]
 
@@ -95,7 +103,7 @@ def _bytes(content: RecordDict) -> int:
     return int(sum(r.count_bytes() for r in content.values()))
 
 
-def audit(algo: SiteAlgorithm, msg: Message, reply: Message) -> Message:
+def audit(algo: SiteTables, msg: Message, reply: Message) -> Message:
     """Append what this site received and sent to ``<cache>/audit.jsonl`` (the site's own record).
 
     Hospital IT can read there every message the server sent and, for every reply, which records
@@ -126,14 +134,15 @@ def _error_reply(msg: Message, site: str | None, exc: BaseException) -> Message:
     return Message(Error(code=SITE_ERROR_CODE, reason=reason), reply_to=msg)
 
 
-def _reply(msg: Message, context: Context, work: Callable[[SiteAlgorithm, Message], RecordDict]) -> Message:
+def _reply(msg: Message, context: Context, work: Callable[[Any, Message], RecordDict], *,
+           light: bool = False) -> Message:
     """Run one stage for this site; any failure goes back to the server as an error naming the site.
 
     Every reply carries ``site.name`` and is appended to the site's audit log.
     """
     algo = None
     try:
-        algo = _algorithm(msg, context)
+        algo = _algorithm(msg, context, light)
         content = work(algo, msg)
         content["site"] = ConfigRecord({"name": algo.site})
         return audit(algo, msg, Message(content, reply_to=msg))
@@ -142,12 +151,12 @@ def _reply(msg: Message, context: Context, work: Callable[[SiteAlgorithm, Messag
         return audit(algo, msg, reply) if algo else reply
 
 
-def _describe(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+def _describe(algo: Any, msg: Message) -> RecordDict:
     info = {"site": algo.site, **algo.describe()}
     return RecordDict({"info": ConfigRecord({"info": pack_json(info)})})
 
 
-def _train(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+def _train(algo: Any, msg: Message) -> RecordDict:
     conf = msg.content["config"]
     states = record_to_states(msg.content["arrays"])
     res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)))
@@ -155,13 +164,13 @@ def _train(algo: SiteAlgorithm, msg: Message) -> RecordDict:
     return RecordDict({"arrays": states_to_record(res.states), "metrics": metrics})
 
 
-def _signatures(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+def _signatures(algo: Any, msg: Message) -> RecordDict:
     states = record_to_states(msg.content["arrays"])
     table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)))
     return RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))})})
 
 
-def _stats(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+def _stats(algo: Any, msg: Message) -> RecordDict:
     specs = unpack_json(str(msg.content["config"]["queries"]))
     values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
     answer = answer_queries(algo.site_table(), specs, values, site=algo.site,
@@ -171,7 +180,7 @@ def _stats(algo: SiteAlgorithm, msg: Message) -> RecordDict:
     return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
 
 
-def _fusion(algo: SiteAlgorithm, msg: Message) -> RecordDict:
+def _fusion(algo: Any, msg: Message) -> RecordDict:
     from shared.fusion import models_from_payload
 
     columns = unpack_json(str(msg.content["config"]["fusion-models"]))
@@ -203,10 +212,10 @@ def signatures(msg: Message, context: Context) -> Message:
 @app.evaluate("fusion")
 def fusion(msg: Message, context: Context) -> Message:
     """Score every patient with the fitted fusion models; scores and SHAP stay on site, SHAP sums go back."""
-    return _reply(msg, context, _fusion)
+    return _reply(msg, context, _fusion, light=True)
 
 
 @app.evaluate("stats")
 def stats(msg: Message, context: Context) -> Message:
     """Answer federated-statistics queries on the local signatures: summaries only (shared.stats)."""
-    return _reply(msg, context, _stats)
+    return _reply(msg, context, _stats, light=True)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from shared.config import RectalFLConfig
 from shared.fusion import SVMModel, shapley_values
 
 logger = logging.getLogger(__name__)
@@ -129,3 +131,40 @@ def apply_fusion(table: pd.DataFrame, models: Mapping[str, SVMModel], cache_dir:
     if shap_rows:
         _write(pd.concat(shap_rows, ignore_index=True), cache_dir / SHAP_FILE)
     return out
+
+
+class SiteTables:
+    """A site's tables without the deep-learning stack (no torch import): what the analysis stages need.
+
+    The ClientApp uses it for ``evaluate.stats`` and ``evaluate.fusion`` so that those messages,
+    the most numerous, start fast on the Deployment Engine (one ClientApp process per message).
+    :class:`client.algorithm.SiteAlgorithm` extends it with training and signatures.
+    """
+
+    def __init__(self, site: str, site_dir: Path, cache_dir: Path, cfg: RectalFLConfig, **_: Any):
+        self.site = site
+        self.site_dir = Path(site_dir)
+        self.cache_dir = Path(cache_dir)
+        self.cfg = cfg
+
+    @cached_property
+    def clinical(self) -> pd.DataFrame:
+        """Clinical-radiological predictors as numbers (index patient_id)."""
+        from shared.cohort import load_patients
+
+        return encode_clinical(load_patients(self.site_dir, self.cfg))
+
+    def load_signatures(self) -> pd.DataFrame:
+        path = self.cache_dir / "signatures.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"site {self.site}: no signatures yet ({path}); the signatures stage must run first")
+        return pd.read_csv(path, dtype={"patient_id": str})
+
+    def site_table(self) -> pd.DataFrame:
+        """Signatures + clinical predictors + fusion scores: what federated queries read (never sent)."""
+        return build_site_table(self.load_signatures(), self.clinical, read_scores(self.cache_dir))
+
+    def apply_fusion(self, models: dict) -> dict:
+        """Score every patient with the fitted fusion models (kept on site); SHAP sums come back."""
+        return apply_fusion(self.site_table(), models, self.cache_dir, min_count=self.cfg.privacy.min_cell_count,
+                            site=self.site)

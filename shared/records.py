@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so message handling without models starts fast
+    import torch
 
 SEP = "/"
 
@@ -43,6 +45,8 @@ def flatten_states(states: StateDicts) -> OrderedDict[str, np.ndarray]:
 
 def unflatten_states(flat: dict[str, np.ndarray], like: StateDicts | None = None) -> StateDicts:
     """Inverse of :func:`flatten_states`; with ``like``, tensors take the reference dtypes."""
+    import torch
+
     out: dict[str, OrderedDict[str, torch.Tensor]] = {}
     for full, arr in flat.items():
         key, _, name = full.partition(SEP)
