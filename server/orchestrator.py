@@ -135,51 +135,86 @@ class Orchestrator:
 
     def _record_failures(self, stage: str, rnd: int | None, sent: list[int], replies: list[Message]) -> list[Message]:
         ok = [m for m in replies if not m.has_error()]
+        answered = {m.metadata.src_node_id for m in replies}
+        silent = [n for n in sent if n not in answered]
         for m in replies:
             if m.has_error():
-                site = self._site_of(m.metadata.src_node_id)
+                nid = m.metadata.src_node_id
+                # The SuperLink answers for an unreachable node itself ("Node Unavailable"), from its own id:
+                # put the error on the node that did not answer when that is unambiguous.
+                if nid not in sent and len(silent) == 1:
+                    nid = silent.pop()
+                site = self._site_of(nid)
                 self.store.event(self.run_id, "site_failed", m.error.reason or "no reason given", level="error",
                                  site=site, round=rnd, detail={"stage": stage, "code": m.error.code})
-                logger.warning("%s round %s: %s", stage, rnd, m.error.reason)
-        answered = {m.metadata.src_node_id for m in replies}
-        for nid in sent:
-            if nid not in answered:
-                site = self._site_of(nid)
-                self.store.event(self.run_id, "site_dropped", f"{site} did not reply within {self.timeout:.0f} s",
-                                 level="warning", site=site, round=rnd, detail={"stage": stage})
+                logger.warning("%s round %s: %s: %s", stage, rnd, site, m.error.reason)
+        for nid in silent:
+            site = self._site_of(nid)
+            self.store.event(self.run_id, "site_dropped", f"{site} did not reply within {self.timeout:.0f} s",
+                             level="warning", site=site, round=rnd, detail={"stage": stage})
         return ok
 
     # ------------------------------------------------------------------ stages
     def wait_for_nodes(self) -> list[int]:
+        """Wait for the expected sites (or ``min_sites``); start with those present when the wait ends."""
         want = self.expected_nodes or self.cfg.federation.min_sites
-        deadline = time.time() + min(self.timeout, 600)
+        limit = self.cfg.federation.join_timeout_s if self.sim_sites is None else min(self.timeout, 600)
+        deadline = time.time() + limit
         ids = list(self.grid.get_node_ids())
         while len(ids) < want and time.time() < deadline:
             time.sleep(1.0)
             ids = list(self.grid.get_node_ids())
+        if len(ids) < min(want, self.cfg.federation.min_sites):
+            raise FederationError(f"only {len(ids)} site(s) connected within {limit:.0f} s, {want} expected and "
+                                  f"federation.min_sites is {self.cfg.federation.min_sites}; check that each site's "
+                                  "SuperNode is running (`rectalfl site join`) and can reach the SuperLink")
         if len(ids) < want:
-            raise FederationError(f"only {len(ids)} site(s) connected, {want} needed; check that each site's "
-                                  "SuperNode is running and can reach the SuperLink")
+            self.store.event(self.run_id, "sites_missing", f"{len(ids)} of {want} expected sites connected within "
+                             f"{limit:.0f} s; starting with them", level="warning")
         return ids
 
     def discover(self) -> list[SiteNode]:
         """Ask every node who it is; record sites, roles and (count-only) split sizes."""
         ids = self.wait_for_nodes()
         with self.store.stage(self.run_id, "discover"):
-            replies = self._send(ids, "query.describe", RecordDict({"config": self._config()}))
-            ok = self._record_failures("discover", None, ids, replies)
-            nodes = []
-            for m in ok:
-                info = unpack_json(str(m.content["info"]["info"]))
-                role = "external" if info["site"] in self.external else "train"
-                counts = {k: int(v) for k, v in info.items() if k != "site"}
-                nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))
-                self.store.event(self.run_id, "site_joined", f"{info['site']} joined as {role}", site=info["site"],
-                                 detail=counts)
-            self.nodes = sorted(nodes, key=lambda n: n.site)
+            self.nodes = sorted(self._describe(ids), key=lambda n: n.site)
         if not any(n.role == "train" for n in self.nodes):
             raise FederationError("no training site answered the discovery query")
         return self.nodes
+
+    def _describe(self, ids: list[int]) -> list[SiteNode]:
+        replies = self._send(ids, "query.describe", RecordDict({"config": self._config()}))
+        ok = self._record_failures("discover", None, ids, replies)
+        nodes = []
+        for m in ok:
+            info = unpack_json(str(m.content["info"]["info"]))
+            role = "external" if info["site"] in self.external else "train"
+            counts = {k: int(v) for k, v in info.items() if k != "site"}
+            nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))
+            self.store.event(self.run_id, "site_joined", f"{info['site']} joined as {role}", site=info["site"],
+                             detail=counts)
+        return nodes
+
+    def refresh_nodes(self, rnd: int | None = None) -> bool:
+        """Deployment: a site that reconnected has a new node id; find it again. True if any node changed."""
+        if self.sim_sites is not None:
+            return False
+        known = {n.node_id for n in self.nodes}
+        new = [i for i in self.grid.get_node_ids() if i not in known]
+        if not new:
+            return False
+        changed = False
+        for node in self._describe(new):
+            old = next((n for n in self.nodes if n.site == node.site), None)
+            if old is not None:
+                self.store.event(self.run_id, "site_rejoined", f"{node.site} rejoined (node {node.node_id})",
+                                 site=node.site, round=rnd)
+                old.node_id = node.node_id
+            else:
+                self.nodes.append(node)
+                self.nodes.sort(key=lambda n: n.site)
+            changed = True
+        return changed
 
     @property
     def train_nodes(self) -> list[SiteNode]:
@@ -200,6 +235,8 @@ class Orchestrator:
         with self.store.stage(self.run_id, "train"):
             for rnd in range(start_round + 1, self.cfg.federation.rounds + 1):
                 t0 = time.perf_counter()
+                if self.refresh_nodes(rnd):
+                    view = _SubsetGrid(self.grid, [n.node_id for n in self.train_nodes])
                 conf = self._config(**({"proximal-mu": self.cfg.federation.proximal_mu}
                                        if self.cfg.federation.strategy == "fedprox" else {}))
                 messages = list(strategy.configure_train(rnd, arrays, conf, view))  # type: ignore[arg-type]
@@ -208,6 +245,7 @@ class Orchestrator:
                 bytes_down = sum(m.content["arrays"].count_bytes() for m in messages)
                 replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
                 ok = self._record_failures("train", rnd, sent, replies)
+                ok = self.screen_updates(rnd, ok, arrays)
                 if len(ok) < min_sites:
                     self.store.finish_round(self.run_id, "train", rnd, n_replied=len(ok),
                                             n_failed=len(sent) - len(ok), status="failed",
@@ -237,6 +275,42 @@ class Orchestrator:
                 logger.info("round %d/%d: %d site(s), mean train loss %.4f, %.1f s", rnd, self.cfg.federation.rounds,
                             len(ok), float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
         return arrays
+
+    def screen_updates(self, rnd: int, replies: list[Message], current: ArrayRecord) -> list[Message]:
+        """Reject replies with non-finite weights or an update norm far outside the others' (recorded)."""
+        ref = record_to_arrays(current)
+        norms: dict[int, float] = {}
+        kept = []
+        for i, m in enumerate(replies):
+            site = str(m.content["site"]["name"]) if "site" in m.content else self._site_of(m.metadata.src_node_id)
+            new = record_to_arrays(m.content["arrays"])
+            bad = [k for k, v in new.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+            missing = sorted(set(ref) - set(new))
+            if bad or missing:
+                why = (f"non-finite values in {len(bad)} array(s), e.g. {bad[0]}" if bad else
+                       f"{len(missing)} array(s) missing, e.g. {missing[0]}")
+                self._reject(rnd, site, why)
+                continue
+            sq = sum(float(np.sum((new[k].astype(np.float64) - ref[k].astype(np.float64)) ** 2))
+                     for k in ref if ref[k].dtype.kind == "f")
+            norms[i] = float(np.sqrt(sq))
+            kept.append((i, m, site))
+        ratio = self.cfg.federation.max_update_norm_ratio
+        out = []
+        for i, m, site in kept:
+            others = [v for j, v in norms.items() if j != i]
+            med = float(np.median(others)) if len(others) >= 2 else None
+            if med is not None and med > 0 and norms[i] > ratio * med:
+                self._reject(rnd, site, f"update norm {norms[i]:.3g} is {norms[i] / med:.1f}x the median of the other "
+                                        f"sites ({med:.3g}); federation.max_update_norm_ratio is {ratio:g}")
+                continue
+            out.append(m)
+        return out
+
+    def _reject(self, rnd: int, site: str, why: str) -> None:
+        self.store.event(self.run_id, "update_rejected", f"{site}: {why}; not averaged in", level="warning",
+                         site=site, round=rnd)
+        logger.warning("round %d: rejected the update of %s: %s", rnd, site, why)
 
     def _checkpoint(self, rnd: int, arrays: ArrayRecord, strategy: FedAvg) -> None:
         path = self.checkpoint_path(rnd)

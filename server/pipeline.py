@@ -79,7 +79,7 @@ def prepare_run_dir(cfg: RectalFLConfig, run_dir: Path, *, resume: bool) -> Rect
 
 
 def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, sim_sites: list[dict] | None,
-                 external_sites: set[str], resume: bool = False) -> pd.DataFrame:
+                 external_sites: set[str], resume: bool = False, expected_sites: int | None = None) -> pd.DataFrame:
     """Run (or resume) the federated pipeline on ``grid`` and return the signature AUC table."""
     from server.evaluation import evaluate_signatures
     from server.orchestrator import Orchestrator, initial_record, load_checkpoint
@@ -98,7 +98,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
             store.add_artefact(run_id, "config", run_dir / "config.yaml", run_dir)
         orch = Orchestrator(grid, cfg, run_dir, store, run_id, sim_sites=sim_sites, external_sites=external_sites,
                             timeout=cfg.federation.round_timeout_s,
-                            expected_nodes=len(sim_sites) if sim_sites else None)
+                            expected_nodes=len(sim_sites) if sim_sites else expected_sites)
         orch.discover()
         start, arrays, strat = 0, initial_record(cfg), None
         if resume:

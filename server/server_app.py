@@ -7,6 +7,8 @@ Run-config keys (kebab-case, ``flwr run . --run-config "key=value ..."``):
                  an existing run directory to continue.
 ``resume``       continue the run in ``run-dir`` from its last completed round.
 ``simulation``   true on the simulation engine: virtual nodes map to the cohort's sites by partition-id.
+``expected-sites`` deployment: how many sites to wait for (``federation.join_timeout_s``) before starting;
+                 ``rectalfl run`` sets it to the number of registered site keys.
 """
 
 from __future__ import annotations
@@ -33,5 +35,6 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(rc["run-dir"])) if rc.get("run-dir") else new_run_dir(cfg)
     simulation = bool(rc.get("simulation", True))
     sim_sites, external = simulation_sites(cfg) if simulation else (None, set(cfg.federation.external_sites))
+    expected = int(rc.get("expected-sites", 0)) or None
     run_pipeline(grid, cfg, run_dir, engine="simulation" if simulation else "deployment", sim_sites=sim_sites,
-                 external_sites=external, resume=resume)
+                 external_sites=external, resume=resume, expected_sites=expected)

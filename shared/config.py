@@ -192,6 +192,10 @@ class FederationConfig(_Section):
     """Sites that never train and only validate the final models (the synthetic cohort marks its own)."""
     round_timeout_s: float = Field(3600.0, gt=0)
     """How long the server waits for a round's replies before treating silent sites as dropped."""
+    join_timeout_s: float = Field(600.0, gt=0)
+    """Deployment: how long the server waits for the expected sites to connect before starting with those present."""
+    max_update_norm_ratio: float = Field(10.0, gt=1)
+    """A training reply whose update norm exceeds this many times the median of the round's updates is rejected."""
 
 
 class PrivacyConfig(_Section):
@@ -227,6 +231,27 @@ class FusionConfig(_Section):
     """Simulation only: also fit scikit-learn's SVC on the pooled rows, as the reference (never in deployment)."""
 
 
+class DeployConfig(_Section):
+    """Real consortium on Flower's Deployment Engine (``rectalfl server start`` / ``site join`` / ``run``)."""
+
+    superlink: str = Field("127.0.0.1:9093", pattern=r"^[^\s:]+:\d{1,5}$")
+    """host:port of the SuperLink: where the server listens and where sites connect."""
+    certs_dir: Path = Path("certs")
+    """Operator: the folder `rectalfl certs init` wrote (CA, server certificate, sites/<name>/site.pub)."""
+    root_certificates: Path | None = None
+    """Site: the consortium's ca.crt (given by the operator)."""
+    site_key: Path | None = None
+    """Site: this hospital's private key (certs/sites/<name>/site.key, given by the operator)."""
+    site_name: str | None = None
+    """Site: the name the server knows this hospital by (default: the data folder's name)."""
+    node_port: int = Field(9094, ge=1, le=65535)
+    """Site: local port of this SuperNode's runtime API (unique per SuperNode on one machine)."""
+    flwr_home: Path = Path(".flwr")
+    """Operator: Flower CLI home holding the SuperLink connection (config.toml)."""
+    connection: str = Field("rectalfl", pattern=r"^[A-Za-z0-9_-]+$")
+    """Operator: name of the SuperLink connection in flwr_home/config.toml."""
+
+
 class RectalFLConfig(_Section):
     """The whole configuration of a run, a site or a server."""
 
@@ -245,6 +270,7 @@ class RectalFLConfig(_Section):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     def digest(self) -> str:
         """Short hash of the resolved config (stored with models and the run record)."""

@@ -56,3 +56,13 @@ def tiny_consortium(tmp_path_factory: pytest.TempPathFactory) -> RectalFLConfig:
     cfg = tiny_config(root)
     prepare_sites(cfg, workers=1)
     return cfg
+
+
+@pytest.fixture
+def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are built inside a run; give this test process a run identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 from flwr.app import Context, RecordDict
-
-
-@pytest.fixture
-def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are built inside a run; give this test process a run identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def node_context(partition_id: int, n: int) -> Context:

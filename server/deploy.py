@@ -1,0 +1,262 @@
+"""A real consortium on Flower's Deployment Engine: the SuperLink, the sites' SuperNodes and runs.
+
+Thin, documented layers over Flower's own processes and CLI, so a Flower user recognises each step:
+
+* operator: ``flower-superlink`` with TLS (``--ssl-*``) and SuperNode authentication
+  (``--enable-supernode-auth``), every site key registered with ``flwr supernode register``, and a
+  connection in ``$FLWR_HOME/config.toml``; runs go through ``flwr run . <connection>``;
+* hospital: ``flower-supernode --superlink HOST:PORT --root-certificates ca.crt
+  --auth-supernode-private-key site.key --node-config "site-name=... data-dir=... cache-dir=..."``.
+
+Checks before starting anything turn the usual failures into messages that say what to do: an
+unreachable server, a certificate not signed by the consortium CA, a key the SuperLink refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from shared.certs import check_server_files, site_public_keys
+
+APP_DIR = Path(__file__).resolve().parents[1]
+"""The Flower app (pyproject.toml with [tool.flwr.app]) that `flwr run` ships to the federation."""
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message names what and what to do."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DeployError(f"address {address!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def tool(name: str) -> str:
+    """Path of a Flower executable installed next to this Python (the venv), else on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise DeployError(f"{name} not found; install rectalfl with `bash scripts/setup.sh` and use .venv/bin/rectalfl")
+    return found
+
+
+def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower processes: the venv's bin first on PATH (the SuperLink starts
+    ``flower-superexec`` by name), no telemetry, no update checks, no runtime installs."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
+    return env
+
+
+# --------------------------------------------------------------------------- reachability and TLS
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise DeployError(f"cannot reach the SuperLink at {address} ({exc.strerror or exc}); check the address in "
+                          "deploy.superlink, that the operator's `rectalfl server start` is running and that the "
+                          "firewall lets this machine connect to that port") from None
+
+
+def check_tls(address: str, ca_file: Path, timeout: float = 5.0) -> None:
+    """Open a TLS connection to ``address`` trusting only ``ca_file``; clear error if that fails."""
+    host, port = split_address(address)
+    if not Path(ca_file).is_file():
+        raise DeployError(f"root certificate {ca_file} not found; ask the operator for the consortium's ca.crt")
+    try:
+        ctx = ssl.create_default_context(cafile=str(ca_file))
+    except ssl.SSLError as exc:
+        raise DeployError(f"{ca_file} is not a PEM certificate ({exc}); ask the operator for ca.crt again") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, ctx.wrap_socket(raw, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as exc:
+        raise DeployError(f"the SuperLink at {address} presented a certificate that {ca_file} does not vouch for "
+                          f"({exc.verify_message}); check that you have this consortium's ca.crt and that the "
+                          "operator issued server.crt for this host name (`rectalfl certs init --host ...`)") from None
+    except ssl.SSLError as exc:
+        raise DeployError(f"TLS handshake with {address} failed ({exc}); is the SuperLink running with TLS?") from None
+    except OSError:
+        check_reachable(address, timeout)
+        raise
+
+
+def wait_listening(address: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    host, port = split_address(address)
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log).read_text(errors="replace")[-2000:] if log and Path(log).is_file() else ""
+            raise DeployError(f"flower-superlink exited with code {proc.returncode}:\n{tail}")
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise DeployError(f"nothing listens on {address} after {timeout:.0f} s")
+
+
+# --------------------------------------------------------------------------- operator
+def write_connection(flwr_home: Path, name: str, address: str, ca_file: Path) -> Path:
+    """Make ``name`` the default SuperLink connection of the Flower CLI in ``flwr_home``."""
+    flwr_home = Path(flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+                    f'root-certificates = "{Path(ca_file).resolve()}"\n')
+    return path
+
+
+def superlink_command(certs_dir: Path, address: str, database: Path | None = None) -> list[str]:
+    files = check_server_files(certs_dir)
+    host, port = split_address(address)
+    cmd = [tool("flower-superlink"), "--ssl-ca-certfile", str(files["ca_cert"].resolve()),
+           "--ssl-certfile", str(files["server_cert"].resolve()), "--ssl-keyfile", str(files["server_key"].resolve()),
+           "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def start_superlink(certs_dir: Path, address: str, flwr_home: Path, log: Path, *, connection: str = "rectalfl",
+                    timeout: float = 60.0) -> subprocess.Popen:
+    """Start flower-superlink in the background (output to ``log``) and write the CLI connection."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "ab")  # noqa: SIM115 - the child keeps writing after we return
+    proc = subprocess.Popen(superlink_command(certs_dir, address), stdout=fh, stderr=subprocess.STDOUT,
+                            env=flwr_env(flwr_home), start_new_session=True)
+    host, port = split_address(address)
+    local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else address  # the operator's CLI runs here
+    wait_listening(local, timeout, proc, log)
+    write_connection(flwr_home, connection, local, Path(certs_dir) / "ca.crt")
+    return proc
+
+
+def flwr(args: Sequence[str], flwr_home: Path, *, timeout: float = 120.0, check: bool = True,
+         cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the Flower CLI with this consortium's FLWR_HOME."""
+    res = subprocess.run([tool("flwr"), *args], env=flwr_env(flwr_home), capture_output=True, text=True,
+                         timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
+    if check and res.returncode != 0:
+        raise DeployError(f"`flwr {' '.join(args)}` failed ({res.returncode}): {(res.stdout + res.stderr)[-1500:]}")
+    return res
+
+
+def register_sites(certs_dir: Path, flwr_home: Path, connection: str = "rectalfl",
+                   sites: Sequence[str] | None = None) -> dict[str, str]:
+    """Register every site public key (or ``sites``) with the SuperLink; ``{site: node id or reason}``."""
+    keys = site_public_keys(certs_dir)
+    if sites is not None:
+        unknown = sorted(set(sites) - set(keys))
+        if unknown:
+            raise DeployError(f"no key for site(s) {unknown} in {certs_dir}/sites; run `rectalfl certs add-site NAME`")
+        keys = {s: keys[s] for s in sites}
+    out = {}
+    for site, pub in keys.items():
+        res = flwr(["supernode", "register", str(pub), connection, "--name", site, "--format", "json"], flwr_home,
+                   check=False)
+        text = res.stdout + res.stderr
+        m = re.search(r'"node-id"\s*:\s*"?(\d+)', text) or re.search(r"SuperNode (\d+) registered", text)
+        if res.returncode == 0 and m:
+            out[site] = m.group(1)
+        elif "already" in text.lower():
+            out[site] = "already registered"
+        else:
+            raise DeployError(f"registering {site}'s key failed: {text[-800:]}")
+    return out
+
+
+def submit_run(config_path: Path, flwr_home: Path, *, connection: str = "rectalfl", run_dir: Path | None = None,
+               resume: bool = False, expected_sites: int | None = None, stream: IO[str] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
+    """``flwr run <app> <connection>`` with the rectalfl run config; waits for the run and returns its status.
+
+    ``flwr run --stream`` exits 0 even when the run fails, so the status comes from ``flwr ls``.
+    """
+    conf = [f"config-path='{Path(config_path).resolve()}'", "simulation=false"]
+    if run_dir is not None:
+        conf.append(f"run-dir='{Path(run_dir).resolve()}'")
+    if resume:
+        conf.append("resume=true")
+    if expected_sites:
+        conf.append(f"expected-sites={int(expected_sites)}")
+    res = flwr(["run", str(APP_DIR), connection, "--run-config", " ".join(conf), "--format", "json"], flwr_home,
+               timeout=300)
+    m = re.search(r'"run-id"\s*:\s*"?(\d+)', res.stdout)
+    if not m:
+        raise DeployError(f"`flwr run` did not report a run id: {res.stdout[-800:]}")
+    run_id = m.group(1)
+    deadline = None if timeout is None else time.time() + timeout
+    logs = None
+    if stream is not None:
+        logs = subprocess.Popen([tool("flwr"), "log", run_id, connection, "--stream"], env=flwr_env(flwr_home),
+                                stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        while True:
+            info = run_status(run_id, flwr_home, connection)
+            if str(info.get("status", "")).startswith("finished"):
+                return info
+            if deadline is not None and time.time() > deadline:
+                raise DeployError(f"run {run_id} still {info.get('status')} after {timeout:.0f} s")
+            time.sleep(2.0)
+    finally:
+        if logs is not None:
+            logs.terminate()
+
+
+def run_status(run_id: str, flwr_home: Path, connection: str = "rectalfl") -> dict[str, Any]:
+    res = flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home, check=False)
+    try:
+        data = json.loads(res.stdout[res.stdout.index("{"):])
+    except ValueError:
+        return {"run-id": run_id, "status": "unknown", "detail": (res.stdout + res.stderr)[-500:]}
+    runs = data.get("runs", [])
+    return dict(runs[0]) if runs else {"run-id": run_id, "status": "unknown"}
+
+
+# --------------------------------------------------------------------------- hospital
+def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: str, data_dir: Path, cache_dir: Path,
+                      device: str | None = None, node_port: int = 9094) -> list[str]:
+    node_config = f"site-name='{site}' data-dir='{Path(data_dir).resolve()}' cache-dir='{Path(cache_dir).resolve()}'"
+    if device:
+        node_config += f" device='{device}'"
+    return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(Path(ca_file).resolve()),
+            "--auth-supernode-private-key", str(Path(key_file).resolve()), "--node-config", node_config,
+            "--host", "127.0.0.1", "--port", str(node_port), "--max-retries", "5", "--max-wait-time", "60"]
+
+
+REFUSED = re.compile(r"Exit Code: 305|Failed to activate SuperNode|code: 2004")
+BAD_KEY = re.compile(r"Exit Code: 302|Unable to parse the private key")
+
+
+def explain_supernode_exit(code: int, output: str, key_file: Path) -> str:
+    """A message for a SuperNode that stopped, from its exit code and log."""
+    if BAD_KEY.search(output):
+        return (f"{key_file} is not a SuperNode key (EC private key in OpenSSH format); use the site.key the "
+                "operator made with `rectalfl certs add-site`")
+    if REFUSED.search(output):
+        return ("the SuperLink refused this site's key: it is not registered. Ask the operator to run "
+                "`rectalfl certs add-site NAME` (if not done), then restart `rectalfl server start` or register the "
+                "key with `flwr supernode register certs/sites/NAME/site.pub`")
+    return f"flower-supernode stopped with exit code {code}:\n{output[-1500:]}"

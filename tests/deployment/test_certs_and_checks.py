@@ -1,0 +1,152 @@
+"""Certificates, connection checks and update screening (fast; no Flower processes)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from typer.testing import CliRunner
+
+from server.deploy import DeployError, check_reachable, check_tls, explain_supernode_exit, write_connection
+from shared.certs import CertError, add_site, init_ca, site_public_keys
+from shared.cli import app
+
+
+def test_ca_server_and_site_keys(tmp_path):
+    files = init_ca(tmp_path, ["fl.hospital.example", "10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(files["ca_cert"].read_bytes())
+    srv = x509.load_pem_x509_certificate(files["server_cert"].read_bytes())
+    assert srv.issuer == ca.subject
+    ca.public_key().verify(srv.signature, srv.tbs_certificate_bytes,
+                           __import__("cryptography.hazmat.primitives.asymmetric.ec", fromlist=["ECDSA"]).ECDSA(
+                               srv.signature_hash_algorithm))
+    san = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.hospital.example" in san.get_values_for_type(x509.DNSName)
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert (files["ca_key"].stat().st_mode & 0o077) == 0  # private keys readable by the owner only
+    site = add_site(tmp_path, "site_a")
+    key = load_ssh_private_key(site["key"].read_bytes(), None)  # what flower-supernode loads
+    pub = load_ssh_public_key(site["pub"].read_bytes())
+    assert key.public_key().public_numbers() == pub.public_numbers()
+    assert site["pub"].read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert site_public_keys(tmp_path) == {"site_a": site["pub"]}
+
+
+def test_cert_errors_say_what_to_do(tmp_path):
+    with pytest.raises(CertError, match="certs init"):
+        add_site(tmp_path, "site_a")
+    init_ca(tmp_path)
+    with pytest.raises(CertError, match="--force"):
+        init_ca(tmp_path)
+    with pytest.raises(CertError, match="site name"):
+        add_site(tmp_path, "../evil")
+    add_site(tmp_path, "site_a")
+    with pytest.raises(CertError, match="--force"):
+        add_site(tmp_path, "site_a")
+
+
+def test_cli_certs(tmp_path):
+    r = CliRunner()
+    res = r.invoke(app, ["certs", "init", "--dir", str(tmp_path / "c"), "--host", "fl.example"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["certs", "add-site", "site_b", "--dir", str(tmp_path / "c")])
+    assert res.exit_code == 0 and (tmp_path / "c" / "sites" / "site_b" / "site.key").is_file()
+    res = r.invoke(app, ["certs", "add-site", "x", "--dir", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "certs init" in res.output
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_a_clear_error():
+    with pytest.raises(DeployError, match="cannot reach the SuperLink at 127.0.0.1:.*server start"):
+        check_reachable(f"127.0.0.1:{_closed_port()}", timeout=2)
+
+
+def test_certificate_from_another_ca_is_refused(tmp_path):
+    """A TLS server whose certificate the site's ca.crt did not sign: the message says so."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    init_ca(ours)
+    init_ca(theirs)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(theirs / "server.crt", theirs / "server.key")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+
+    def serve():
+        for _ in range(2):
+            try:
+                conn, _ = srv.accept()
+                with ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (OSError, ssl.SSLError):
+                pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(DeployError, match="does not vouch"):
+            check_tls(f"127.0.0.1:{port}", ours / "ca.crt")
+    finally:
+        srv.close()
+    with pytest.raises(DeployError, match="ca.crt"):
+        check_tls(f"127.0.0.1:{port}", tmp_path / "missing.crt")
+
+
+def test_supernode_exit_explanations():
+    assert "not registered" in explain_supernode_exit(1, "ERROR: Exit Code: 305\nFailed to activate SuperNode",
+                                                      Path("k"))
+    assert "OpenSSH" in explain_supernode_exit(1, "Exit Code: 302 Unable to parse the private key file", Path("k"))
+    assert "exit code 7" in explain_supernode_exit(7, "boom", Path("k"))
+
+
+def test_connection_file(tmp_path):
+    path = write_connection(tmp_path, "rectalfl", "127.0.0.1:9093", tmp_path / "ca.crt")
+    text = path.read_text()
+    assert 'default = "rectalfl"' in text and 'address = "127.0.0.1:9093"' in text and "root-certificates" in text
+
+
+# ------------------------------------------------------------------ update screening
+def test_non_finite_and_outlier_updates_are_rejected(tmp_path, run_identity):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from server.orchestrator import Orchestrator
+    from server.store import RunStore
+    from shared.config import parse_config
+    from shared.records import arrays_to_record
+
+    cfg = parse_config({"federation": {"max_update_norm_ratio": 10}}, source="test")
+    store = RunStore.open_run_dir(tmp_path)
+    store.start_run("r", "t", cfg.to_yaml(), cfg.digest(), "federated", "fedavg", 0, "deployment")
+    orch = Orchestrator(None, cfg, tmp_path, store, "r")
+    current = {"m/w": np.zeros(100, dtype=np.float32), "m/count": np.zeros((), dtype=np.int64)}
+    rng = np.random.default_rng(0)
+
+    def reply(site: str, w: np.ndarray) -> Message:
+        content = RecordDict({"arrays": arrays_to_record({"m/w": w.astype(np.float32), "m/count": current["m/count"]}),
+                              "metrics": MetricRecord({"num-examples": 10}), "site": ConfigRecord({"name": site})})
+        return Message(content, dst_node_id=1, message_type="train")
+
+    good = [reply(s, rng.normal(0, 0.01, 100)) for s in ("a", "b", "c")]
+    nan = rng.normal(0, 0.01, 100)
+    nan[3] = np.nan
+    replies = [*good, reply("nan_site", nan), reply("huge_site", rng.normal(0, 5.0, 100))]
+    kept = orch.screen_updates(4, replies, arrays_to_record(current))
+    assert [str(m.content["site"]["name"]) for m in kept] == ["a", "b", "c"]
+    ev = store.events("r")
+    rej = ev[ev["kind"] == "update_rejected"].set_index("site")
+    assert set(rej.index) == {"nan_site", "huge_site"}
+    assert "non-finite" in rej.loc["nan_site", "message"] and "median" in rej.loc["huge_site", "message"]
+    assert (rej["round"] == 4).all()
+    store.close()
