@@ -212,11 +212,16 @@ def submit_run(config_path: Path, flwr_home: Path, *, connection: str = "rectalf
     if stream is not None:
         logs = subprocess.Popen([tool("flwr"), "log", run_id, connection, "--stream"], env=flwr_env(flwr_home),
                                 stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    unknown = 0
     try:
         while True:
             info = run_status(run_id, flwr_home, connection)
             if str(info.get("status", "")).startswith("finished"):
                 return info
+            unknown = unknown + 1 if info.get("status") == "unknown" else 0
+            if unknown >= 5:
+                raise DeployError(f"run {run_id} is no longer known to the SuperLink (was it restarted?); the run "
+                                  "directory keeps every completed round: continue with `rectalfl run --resume RUN_DIR`")
             if deadline is not None and time.time() > deadline:
                 raise DeployError(f"run {run_id} still {info.get('status')} after {timeout:.0f} s")
             time.sleep(2.0)
@@ -237,13 +242,16 @@ def run_status(run_id: str, flwr_home: Path, connection: str = "rectalfl") -> di
 
 # --------------------------------------------------------------------------- hospital
 def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: str, data_dir: Path, cache_dir: Path,
-                      device: str | None = None, node_port: int = 9094) -> list[str]:
+                      device: str | None = None, node_port: int = 9094, max_retries: int | None = None) -> list[str]:
+    """The flower-supernode command line; without ``max_retries`` it keeps reconnecting (e.g. while the
+    SuperLink restarts), as a hospital's node should."""
     node_config = f"site-name='{site}' data-dir='{Path(data_dir).resolve()}' cache-dir='{Path(cache_dir).resolve()}'"
     if device:
         node_config += f" device='{device}'"
     return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(Path(ca_file).resolve()),
             "--auth-supernode-private-key", str(Path(key_file).resolve()), "--node-config", node_config,
-            "--host", "127.0.0.1", "--port", str(node_port), "--max-retries", "5", "--max-wait-time", "60"]
+            "--host", "127.0.0.1", "--port", str(node_port),
+            *(["--max-retries", str(max_retries)] if max_retries is not None else [])]
 
 
 REFUSED = re.compile(r"Exit Code: 305|Failed to activate SuperNode|code: 2004")

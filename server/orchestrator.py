@@ -352,8 +352,12 @@ class Orchestrator:
             content = RecordDict({"config": self._config(queries=pack_json(p["spec"])),
                                   "arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
             msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
+        return self.exchange("evaluate", msgs)
+
+    def exchange(self, stage: str, msgs: list[Message]) -> dict[str, dict]:
+        """Send, record failures, and return each replying site's arrays + metrics as one flat dict."""
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-        ok = self._record_failures("evaluate", None, [m.metadata.dst_node_id for m in msgs], replies)
+        ok = self._record_failures(stage, None, [m.metadata.dst_node_id for m in msgs], replies)
         out: dict[str, dict] = {}
         for m in ok:
             vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"]))

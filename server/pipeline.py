@@ -138,21 +138,14 @@ def fusion_transport(orch: Any) -> Any:
     from flwr.app import Message, RecordDict
 
     from shared.fusion import models_to_payload
-    from shared.records import arrays_to_record, pack_json, record_to_arrays
+    from shared.records import arrays_to_record, pack_json
 
     def send(models: dict) -> dict[str, dict]:
         arrays, columns = models_to_payload(models)
         msgs = [Message(content=RecordDict({"arrays": arrays_to_record(arrays),
                                             "config": orch._config(**{"fusion-models": pack_json(columns)})}),
                         message_type="evaluate.fusion", dst_node_id=n.node_id) for n in orch.nodes]
-        replies = list(orch.grid.send_and_receive(msgs, timeout=orch.timeout))
-        ok = orch._record_failures("analysis", None, [n.node_id for n in orch.nodes], replies)
-        out: dict[str, dict] = {}
-        for m in ok:
-            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"]))
-            vals.update(dict(m.content["metrics"].items()))
-            out[str(m.content["site"]["name"])] = vals
-        return out
+        return orch.exchange("analysis", msgs)
 
     return send
 

@@ -6,9 +6,11 @@ processes (see :mod:`server.deploy`), with checks that turn the usual failures i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -157,14 +159,7 @@ def site_join(
 ) -> None:
     """Check the site's data, preprocess if needed, then connect this hospital to the consortium (flower-supernode)."""
     from client.preprocess import preprocess_site
-    from server.deploy import (
-        DeployError,
-        check_reachable,
-        check_tls,
-        explain_supernode_exit,
-        flwr_env,
-        supernode_command,
-    )
+    from server.deploy import DeployError, check_reachable, check_tls, supernode_command
     from shared.cohort import CohortError, check_site
 
     cli = _cli()
@@ -206,21 +201,71 @@ def site_join(
                             device=None if cfg.train.device == "auto" else cfg.train.device, node_port=d.node_port)
     cli.out.print(f"joining {superlink} as {site} (data stays in {site_dir}; audit log {cache_dir}/audit.jsonl). "
                   "Ctrl-C leaves the consortium.")
-    proc = subprocess.Popen(cmd, env=flwr_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    tail: list[str] = []
+    run_supervised(cmd, Path(site_key))
+
+
+def run_supervised(cmd: list[str], site_key: Path, *, retry_s: float = 10.0, max_quick_failures: int = 5) -> None:
+    """Run flower-supernode in the foreground and keep this site in the consortium.
+
+    Flower's SuperNode stops when it loses its SuperLink (e.g. the server restarted); this restarts it
+    after ``retry_s`` seconds. A refused or unreadable key stops for good, with what to do; so do
+    ``max_quick_failures`` consecutive exits before ever connecting. Ctrl-C leaves.
+    """
+    from server.deploy import BAD_KEY, REFUSED, explain_supernode_exit, flwr_env
+
+    cli = _cli()
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` (or a service manager) leaves cleanly, SuperNode included
+    quick = 0
+    while True:
+        t0 = time.time()
+        # own process group: its helper processes (flower-superexec) go with it
+        proc = subprocess.Popen(cmd, env=flwr_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        tail: list[str] = []
+        state = {"connected": False}
+
+        def pump(stream=proc.stdout, tail=tail, state=state) -> None:
+            for line in stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                state["connected"] = state["connected"] or "SuperNode ID" in line
+                tail.append(line)
+                del tail[:-60]
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            _killpg(proc, signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _killpg(proc, signal.SIGKILL)
+            raise typer.Exit(0) from None
+        reader.join(timeout=3)
+        _killpg(proc, signal.SIGTERM)
+        connected = state["connected"]
+        text = "".join(tail)
+        if BAD_KEY.search(text) or REFUSED.search(text):
+            cli._fail(explain_supernode_exit(code, text, site_key), 1)
+        quick = 0 if connected or time.time() - t0 > 60 else quick + 1
+        if quick >= max_quick_failures:
+            cli._fail(explain_supernode_exit(code, text, site_key), 1)
+        cli.console.print(f"[yellow]the SuperNode stopped (exit {code}); reconnecting in {retry_s:.0f} s[/] "
+                          "(Ctrl-C to leave)")
+        time.sleep(retry_s)
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            tail = (tail + [line])[-60:]
-        code = proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        time.sleep(1)
-        proc.terminate()
-        raise typer.Exit(0) from None
-    if code != 0:
-        cli._fail(explain_supernode_exit(code, "".join(tail), Path(site_key)), 1)
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def register(app: typer.Typer, site_app: typer.Typer) -> None:

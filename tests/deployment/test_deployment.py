@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,15 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from server.deploy import (
-    explain_supernode_exit,
-    flwr,
-    flwr_env,
-    register_sites,
-    start_superlink,
-    submit_run,
-    supernode_command,
-)
+from server.deploy import flwr, register_sites, start_superlink, submit_run
 from server.store import RunStore
 from shared.certs import add_site, init_ca
 
@@ -53,26 +46,50 @@ class Consortium:
         register_sites(self.certs, self.home, sites=SITES)
 
     def supernode(self, name: str, key_of: str | None = None) -> subprocess.Popen:
+        """A hospital as its IT team runs it: `rectalfl site join` (which supervises flower-supernode)."""
         site = name if name in SITES else "site_a"
-        cmd = supernode_command(self.address, self.certs / "ca.crt", self.certs / "sites" / (key_of or name) / "site.key",
-                                site=site, data_dir=Path(self.cfg.data_root) / site,
-                                cache_dir=Path(self.cfg.cache_root) / site, device="cpu", node_port=free_port())
-        log = self.root / f"supernode_{name}.log"
+        site_cfg = self.root / "site.yaml"
+        site_cfg.write_text(self.cfg.to_yaml())
+        cmd = [str(Path(sys.executable).parent / "rectalfl"), "site", "join", "--config", str(site_cfg),
+               "--server", self.address, "--root-cert", str(self.certs / "ca.crt"),
+               "--key", str(self.certs / "sites" / (key_of or name) / "site.key"), "--name", site,
+               "--data", str(Path(self.cfg.data_root) / site), "--cache", str(Path(self.cfg.cache_root) / site),
+               "--node-port", str(free_port()), "--skip-check"]
+        log = self.root / f"site_join_{name}.log"
         self.logs[name] = log
-        proc = subprocess.Popen(cmd, env=flwr_env(), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"}, stdout=open(log, "wb"),
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs[name] = proc
         return proc
 
     def kill(self, name: str) -> None:
+        """SIGKILL, no clean-up: the process and the SuperNode (own process group) it supervises die at once."""
         proc = self.procs.pop(name, None)
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        if proc is None:
+            return
+        for pid in [proc.pid, *children_of(proc.pid)]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.wait(timeout=30)
 
     def close(self) -> None:
         for name in list(self.procs):
             self.kill(name)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc, no extra tools)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 def wait_for(pred, timeout: float, what: str) -> None:
@@ -82,6 +99,11 @@ def wait_for(pred, timeout: float, what: str) -> None:
             return
         time.sleep(1.0)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def online(c: Consortium) -> int:
+    res = flwr(["supernode", "list", "rectalfl", "--format", "json"], c.home, check=False)
+    return res.stdout.count('"online"')
 
 
 def completed_rounds(run_dir: Path) -> int:
@@ -120,7 +142,8 @@ def consortium(tiny_consortium, tmp_path_factory):
 
 def server_config(c: Consortium, rounds: int) -> Path:
     data = yaml.safe_load(c.cfg.to_yaml())
-    data["federation"].update(rounds=rounds, min_sites=2, external_sites=["ext"], round_timeout_s=40,
+    # generous: every message starts a ClientApp process (torch import) on a loaded 2-core CI machine
+    data["federation"].update(rounds=rounds, min_sites=2, external_sites=["ext"], round_timeout_s=150,
                               join_timeout_s=120)
     data["fusion"]["enabled"] = False
     path = c.root / f"server_{rounds}.yaml"
@@ -134,9 +157,9 @@ def test_unregistered_key_is_refused(consortium) -> None:
         code = proc.wait(timeout=120)
     finally:
         consortium.kill("intruder")
-    text = consortium.logs["intruder"].read_text(errors="replace")
-    assert code != 0
-    assert "refused this site's key" in explain_supernode_exit(code, text, Path("site.key"))
+    text = " ".join(consortium.logs["intruder"].read_text(errors="replace").split())
+    assert code == 1
+    assert "refused this site's key" in text and "not registered" in text
     listing = flwr(["supernode", "list", "rectalfl", "--format", "json"], consortium.home).stdout
     assert listing.count('"online"') <= len(SITES)
 
@@ -144,19 +167,20 @@ def test_unregistered_key_is_refused(consortium) -> None:
 def test_run_completes_when_a_site_dies_mid_run(consortium) -> None:
     run_dir = consortium.root / "runs" / "A"
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(submit_run(server_config(consortium, 3), consortium.home,
-                                                                 run_dir=run_dir, expected_sites=4, timeout=600)))
+    wait_for(lambda: online(consortium) == len(SITES), 120, "4 SuperNodes online")
+    t = threading.Thread(target=lambda: result.update(submit_run(server_config(consortium, 2), consortium.home,
+                                                                 run_dir=run_dir, expected_sites=4, timeout=900)))
     t.start()
     wait_for(lambda: completed_rounds(run_dir) >= 1, 300, "round 1")
     consortium.kill("site_c")
-    t.join(timeout=600)
+    t.join(timeout=900)
     assert result.get("status") == "finished:completed", result
     with RunStore.open_run_dir(run_dir, readonly=True) as store:
         rid = store.runs()["run_id"].iloc[0]
         assert store.runs()["status"].iloc[0] == "completed"
         rounds = store.rounds(rid)
-        assert rounds["round"].tolist() == [1, 2, 3] and set(rounds["status"]) == {"completed"}
-        assert rounds["n_replied"].iloc[0] == 3 and (rounds["n_replied"].iloc[1:] == 2).all()
+        assert rounds["round"].tolist() == [1, 2] and set(rounds["status"]) == {"completed"}
+        assert rounds["n_replied"].tolist() == [3, 2]
         ev = store.events(rid)
         lost = ev[ev["kind"].isin(["site_dropped", "site_failed"])]
         assert "site_c" in set(lost["site"])
@@ -169,16 +193,28 @@ def test_run_completes_when_a_site_dies_mid_run(consortium) -> None:
 def test_superlink_killed_mid_run_then_resumed(consortium) -> None:
     run_dir = consortium.root / "runs" / "B"
     cfg_path = server_config(consortium, 3)
-    t = threading.Thread(target=lambda: submit_run(cfg_path, consortium.home, run_dir=run_dir, expected_sites=4,
-                                                   timeout=600) if True else None, daemon=True)
+    wait_for(lambda: online(consortium) == len(SITES), 180, "the restarted site_c online, the old node gone")
+
+    errors: list[BaseException] = []
+
+    def first_attempt() -> None:
+        try:
+            submit_run(cfg_path, consortium.home, run_dir=run_dir, expected_sites=4, timeout=900)
+        except Exception as exc:  # noqa: BLE001 - the SuperLink is killed under it on purpose
+            errors.append(exc)
+
+    t = threading.Thread(target=first_attempt, daemon=True)
     t.start()
-    wait_for(lambda: completed_rounds(run_dir) >= 1, 300, "round 1")
+    wait_for(lambda: completed_rounds(run_dir) >= 1 or (errors and completed_rounds(run_dir) == 0), 300, "round 1")
+    assert completed_rounds(run_dir) >= 1, f"the first attempt failed before round 1: {errors}"
     consortium.kill("superlink")  # the SuperLink and the ServerApp it started go down together
     time.sleep(2)
+    # (`site join` restarts each SuperNode once it notices; the first attempt's `flwr ls` polling stops)
     done_before = completed_rounds(run_dir)
     assert 1 <= done_before < 3
     consortium.superlink()  # fresh SuperLink on the same address; the SuperNodes reconnect by themselves
-    info = submit_run(cfg_path, consortium.home, run_dir=run_dir, resume=True, expected_sites=4, timeout=600)
+    wait_for(lambda: online(consortium) == len(SITES), 180, "the SuperNodes reconnected")
+    info = submit_run(cfg_path, consortium.home, run_dir=run_dir, resume=True, expected_sites=4, timeout=900)
     assert info["status"] == "finished:completed", info
     with RunStore.open_run_dir(run_dir, readonly=True) as store:
         rid = store.runs()["run_id"].iloc[0]
