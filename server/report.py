@@ -42,7 +42,7 @@ def _read(run_dir: Path, rel: str) -> pd.DataFrame | None:
 
 def _curves(run_dir: Path) -> dict[str, list]:
     p = run_dir / "report_data" / "curves.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
 
 
 def _label(cohort: str) -> str:
@@ -255,13 +255,13 @@ def _meta(run_dir: Path) -> dict[str, Any]:
 
     meta: dict[str, Any] = {"run_dir": str(run_dir)}
     if (run_dir / "config.yaml").is_file():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         fed = cfg.get("federation", {})
         meta.update(name=cfg.get("name"), mode=fed.get("mode"), strategy=fed.get("strategy"), rounds=fed.get("rounds"),
                     backbone=cfg.get("train", {}).get("backbone"), min_cell_count=cfg.get("privacy", {}).get(
                         "min_cell_count"))
     if (run_dir / "models" / "final.json").is_file():
-        fj = json.loads((run_dir / "models" / "final.json").read_text())
+        fj = json.loads((run_dir / "models" / "final.json").read_text(encoding="utf-8"))
         meta.update(config_digest=fj.get("config_digest"), versions=fj.get("library_versions", {}),
                     trained_at=fj.get("created_at"))
     if (run_dir / "run.db").is_file():

@@ -85,7 +85,7 @@ def test_missing_optional_input_says_not_available(run_dir, tmp_path):
     shutil.copytree(run_dir, rd)
     (rd / "tables" / "table2_odds_ratios.csv").unlink()
     (rd / "tables" / "shap_importance.csv").unlink()
-    text = build_report(rd).read_text()
+    text = build_report(rd).read_text(encoding="utf-8")
     t2 = text.split("Table 2.")[1].split("<h2>")[0]
     assert "not available" in t2 and "<table>" not in t2
     shap = text.split("Global SHAP importance")[1].split("<h2>")[0]
