@@ -1,10 +1,17 @@
-"""The run report: figures (PNG), tables (CSV, already written by :mod:`server.analysis`) and one
-self-contained ``report.html`` (figures embedded as data URIs, inline CSS, opens offline).
+"""The run report: figures (PNG) and one self-contained ``report.html`` (figures embedded as data
+URIs, inline CSS, no external resource: it opens offline and can be mailed as one file).
 
 ``rectalfl report RUN_DIR`` calls :func:`build_report`; a finished run calls it too. Inputs, all in
-the run directory: ``tables/*.csv`` and ``report_data/curves.json`` (from the analysis stage),
-``config.yaml``, ``models/final.json`` and ``run.db`` (optional). Only aggregate numbers are ever
-here: every figure is drawn from pooled histograms and sums, never from a patient row.
+the run directory:
+
+* required: ``tables/table3_performance.csv`` (written by the analysis stage, :mod:`server.analysis`);
+* optional: the other ``tables/*.csv`` (Table 1, Table 2, DeLong, calibration, per-site, fusion
+  models, SHAP, suppressions, signature AUCs), ``report_data/curves.json`` (ROC, calibration and
+  decision curves, signature histograms), ``config.yaml``, ``models/final.json`` and ``run.db``.
+
+A missing optional input gives a short "not available: <why>" line in the report, never an
+exception. Only aggregate numbers are ever here: every figure is drawn from pooled histograms,
+counts and sums, never from a patient row. Cohort and model names come from the data.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import html
 import json
 import logging
 import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import numpy as np
@@ -24,10 +33,18 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 COHORT_LABELS = {"training": "Training cohort", "internal_test": "Internal test", "external": "External validation"}
-MAIN_MODELS = ("FDL", "CR", "CRD")
-# Okabe-Ito: distinguishable with colour-blindness
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000"]
+COHORT_ORDER = ("training", "internal_test", "external")
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+GOOD_COLOUR, POOR_COLOUR = "#009E73", "#D55E00"
+MAX_DRAWN = 6
+"""At most this many models share one figure; with more, the study's main models (when present) or the
+first ones in Table 3 are drawn and the rest stay in the tables."""
+PREFERRED = ("FDL", "CR", "CRD")
 REQUIRED = "tables/table3_performance.csv"
+TABLES = ("table1_baseline", "table2_odds_ratios", "table3_performance", "delong", "calibration", "per_site",
+          "fusion_models", "shap_importance", "suppressions", "signature_auc")
+MAKER = "the analysis stage of a run (`rectalfl simulate`, or `rectalfl run` on a deployment)"
 
 
 class ReportError(RuntimeError):
@@ -35,24 +52,107 @@ class ReportError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- inputs
-def _read(run_dir: Path, rel: str) -> pd.DataFrame | None:
-    p = run_dir / rel
-    return pd.read_csv(p) if p.is_file() else None
+class Inputs:
+    """The run directory's tables and curves; ``why(name)`` says why one is not available."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.tables: dict[str, pd.DataFrame] = {}
+        self.missing: dict[str, str] = {}
+        for name in TABLES:
+            rel = f"tables/{name}.csv"
+            p = run_dir / rel
+            if not p.is_file():
+                self.missing[name] = f"{rel} not found (written by {MAKER})"
+                continue
+            try:
+                df = pd.read_csv(p)
+            except pd.errors.EmptyDataError:
+                self.missing[name] = f"{rel} is empty"
+                continue
+            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+                self.missing[name] = f"{rel} is not a readable CSV ({exc})"
+                continue
+            if not len(df):
+                self.missing[name] = f"{rel} has no rows"
+                continue
+            self.tables[name] = df
+        self.curves: dict[str, Any] = {}
+        self.curves_why = ""
+        p = run_dir / "report_data" / "curves.json"
+        if not p.is_file():
+            self.curves_why = f"report_data/curves.json not found (written by {MAKER})"
+        else:
+            try:
+                data = json.loads(p.read_text(encoding="utf-8"))
+                self.curves = data if isinstance(data, dict) else {}
+            except (ValueError, UnicodeDecodeError) as exc:
+                self.curves_why = f"report_data/curves.json is not readable JSON ({exc})"
+
+    def get(self, name: str) -> pd.DataFrame | None:
+        return self.tables.get(name)
+
+    def why(self, name: str) -> str:
+        return self.missing.get(name, f"tables/{name}.csv has nothing to show")
+
+    def curve(self, key: str) -> list[dict[str, Any]]:
+        v = self.curves.get(key)
+        return [c for c in v if isinstance(c, dict)] if isinstance(v, list) else []
+
+    def curve_why(self, key: str) -> str:
+        return self.curves_why or f"report_data/curves.json has no {key!r} entries"
 
 
-def _curves(run_dir: Path) -> dict[str, list]:
-    p = run_dir / "report_data" / "curves.json"
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+def _label(cohort: Any) -> str:
+    return COHORT_LABELS.get(str(cohort), str(cohort))
 
 
-def _label(cohort: str) -> str:
-    return COHORT_LABELS.get(cohort, cohort)
+def _ordered(values: Any) -> list[str]:
+    """Distinct values, the known cohorts first in their natural order, the rest as they come."""
+    seen = [str(v) for v in dict.fromkeys(values) if not _missing(v)]
+    return [c for c in COHORT_ORDER if c in seen] + [c for c in seen if c not in COHORT_ORDER]
 
 
-def _shown(models: list[str]) -> list[str]:
-    """Models drawn in the figures: FDL, CR, CRD when present (the variants stay in the tables)."""
-    main = [m for m in MAIN_MODELS if m in models]
-    return main or models[:4]
+def _slug(name: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", str(name))
+
+
+def _missing(v: Any) -> bool:
+    if v is None or v is pd.NA or v is pd.NaT:
+        return True
+    if isinstance(v, (float, np.floating)):
+        return not math.isfinite(float(v))
+    return isinstance(v, str) and v.strip() == ""
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if _missing(v):
+        return False
+    return str(v).strip().lower() in ("true", "1", "1.0", "yes")
+
+
+def _models(inp: Inputs) -> list[str]:
+    """Every model, in Table 3's order, then any other the curves name."""
+    names: list[str] = []
+    perf = inp.get("table3_performance")
+    if perf is not None and "model" in perf:
+        names += [str(m) for m in perf["model"] if not _missing(m)]
+    for c in inp.curve("roc") + inp.curve("calibration"):
+        if "model" in c:
+            names.append(str(c["model"]))
+    for d in inp.curve("decision"):
+        names += [str(m) for m in (d.get("models") or {})]
+    return list(dict.fromkeys(names))
+
+
+def drawn_models(models: list[str]) -> list[str]:
+    """The models drawn in the comparison figures (see :data:`MAX_DRAWN`)."""
+    if len(models) <= MAX_DRAWN:
+        return list(models)
+    main = [m for m in PREFERRED if m in models]
+    return main or list(models[:MAX_DRAWN])
 
 
 # --------------------------------------------------------------------------- figures
@@ -62,8 +162,9 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.spines.top": False,
-                         "axes.spines.right": False, "figure.dpi": 150})
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
+                         "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 150,
+                         "axes.grid": True, "grid.alpha": 0.25})
     return plt
 
 
@@ -75,195 +176,357 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _colour(models: list[str], m: str) -> str:
-    return PALETTE[models.index(m) % len(PALETTE)] if m in models else "#666666"
+def _arr(v: Any) -> np.ndarray:
+    try:
+        return np.asarray([np.nan if x is None else x for x in (v or [])], dtype=float)
+    except (TypeError, ValueError):
+        return np.asarray([], dtype=float)
 
 
-def render_figures(run_dir: Path) -> list[Path]:
-    """Draw every figure the inputs allow into ``run_dir/figures``; returns the paths written."""
-    run_dir = Path(run_dir)
+def _num(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fig_roc(inp: Inputs, cohort: str, shown: list[str], colour: dict[str, str], path: Path) -> Path | None:
     plt = _plt()
-    out: list[Path] = []
+    curves = [c for c in inp.curve("roc") if str(c.get("cohort")) == cohort and str(c.get("model")) in shown]
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    for c in curves:
+        m = str(c["model"])
+        fpr, tpr = _arr(c.get("fpr")), _arr(c.get("tpr"))
+        if not len(fpr) or len(fpr) != len(tpr):
+            continue
+        order = np.argsort(fpr, kind="stable")
+        auc, lo, hi = _num(c.get("auc")), _num(c.get("auc_lo")), _num(c.get("auc_hi"))
+        lab = m if math.isnan(auc) else f"{m} (AUC {auc:.3f}" + (
+            f" [{lo:.3f}-{hi:.3f}])" if not (math.isnan(lo) or math.isnan(hi)) else ")")
+        ax.plot(fpr[order], tpr[order], color=colour[m], lw=1.8, label=lab)
+        tlo, thi = _arr(c.get("tpr_lo")), _arr(c.get("tpr_hi"))
+        if len(tlo) == len(fpr) == len(thi):
+            ax.fill_between(fpr[order], tlo[order], thi[order], color=colour[m], alpha=0.15, lw=0)
+    ax.plot([0, 1], [0, 1], ls="--", color="#888888", lw=1, label="chance")
+    ax.set(xlabel="1 - specificity", ylabel="Sensitivity", title=f"ROC, {_label(cohort)}", xlim=(0, 1),
+           ylim=(0, 1.01))
+    ax.set_aspect("equal")
+    ax.legend(loc="lower right", frameon=False)
+    return _save(fig, path)
+
+
+def _fig_calibration(inp: Inputs, cohort: str, shown: list[str], colour: dict[str, str], path: Path) -> Path | None:
+    plt = _plt()
+    curves = [c for c in inp.curve("calibration") if str(c.get("cohort")) == cohort and str(c.get("model")) in shown]
+    if not curves:
+        return None
+    cal = inp.get("calibration")
+    n_max = max([float(np.nanmax(n)) for c in curves if len(n := _arr(c.get("n"))) and np.isfinite(n).any()] or [1.0])
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    for c in curves:
+        m = str(c["model"])
+        x, y, n = _arr(c.get("mean_predicted")), _arr(c.get("observed")), _arr(c.get("n"))
+        if not len(x) or len(x) != len(y):
+            continue
+        lab = m
+        if cal is not None and {"model", "cohort", "brier", "ece"} <= set(cal.columns):
+            r = cal[(cal["model"].astype(str) == m) & (cal["cohort"].astype(str) == cohort)]
+            if len(r):
+                b, e = _num(r["brier"].iloc[0]), _num(r["ece"].iloc[0])
+                bits = [f"Brier {b:.3f}" if not math.isnan(b) else "", f"ECE {e:.3f}" if not math.isnan(e) else ""]
+                if any(bits):
+                    lab += f" ({', '.join(b for b in bits if b)})"
+        ok = np.isfinite(x) & np.isfinite(y)
+        size = (15 + 185 * np.nan_to_num(n, nan=0.0) / max(n_max, 1.0))[ok] if len(n) == len(x) else 30
+        ax.plot(x[ok], y[ok], "-", color=colour[m], lw=1.2, alpha=0.8)
+        ax.scatter(x[ok], y[ok], s=size, color=colour[m], alpha=0.75, edgecolors="white", linewidths=0.5, label=lab)
+    ax.plot([0, 1], [0, 1], ls="--", color="#888888", lw=1, label="ideal")
+    ax.set(xlabel="Mean predicted probability", ylabel="Observed rate of good response",
+           title=f"Calibration, {_label(cohort)}", xlim=(0, 1), ylim=(0, 1))
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", frameon=False)
+    return _save(fig, path)
+
+
+def _fig_decision(d: dict[str, Any], shown: list[str], colour: dict[str, str], path: Path) -> Path | None:
+    plt = _plt()
+    t = _arr(d.get("thresholds"))
+    models = {str(k): _arr(v) for k, v in (d.get("models") or {}).items()}
+    lines = [(m, nb) for m, nb in models.items() if m in shown and len(t) and len(nb) == len(t)]
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    top = 0.0
+    for m, nb in lines:
+        ax.plot(t, nb, color=colour[m], lw=1.8, label=m)
+        if np.isfinite(nb).any():
+            top = max(top, float(np.nanmax(nb)))
+    ta = _arr(d.get("treat_all"))
+    if len(ta) == len(t):
+        ax.plot(t, ta, color="#777777", lw=1.2, ls="-.", label="treat all")
+        if np.isfinite(ta).any():
+            top = max(top, float(np.nanmax(ta)))
+    ax.axhline(0, color="#000000", lw=1, ls=":", label="treat none")
+    ax.set(xlabel="Threshold probability", ylabel="Net benefit",
+           title=f"Decision curve, {_label(d.get('cohort', ''))}", ylim=(-0.05, top + 0.05),
+           xlim=(float(np.nanmin(t)), float(np.nanmax(t))))
+    ax.legend(frameon=False)
+    return _save(fig, path)
+
+
+def _fig_signatures(items: list[dict[str, Any]], cohort: str, path: Path) -> Path | None:
+    plt = _plt()
+    good = []
+    for d in items:
+        e, g, p = _arr(d.get("edges")), _arr(d.get("good")), _arr(d.get("poor"))
+        if len(e) >= 2 and len(g) == len(p) == len(e) - 1:
+            good.append((str(d.get("signature", "?")), e, g, p))
+    if not good:
+        return None
+    ncol = min(3, len(good))
+    nrow = math.ceil(len(good) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 2.5 * nrow), squeeze=False)
+    for ax, (sig, e, g, p) in zip(axes.flat, good, strict=False):
+        w = np.diff(e)
+        for cnt, col, lab in ((g, GOOD_COLOUR, "good response"), (p, POOR_COLOUR, "poor response")):
+            tot = np.nansum(cnt)
+            dens = cnt / tot / w if tot > 0 else np.zeros_like(cnt)
+            ax.stairs(dens, e, color=col, lw=1.6, label=lab)
+        ax.set_title(f"{sig} (good {int(np.nansum(g))}, poor {int(np.nansum(p))})", fontsize=9)
+        ax.set_xlim(e[0], e[-1])
+        ax.set_xlabel("signature", fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    for ax in list(axes.flat)[len(good):]:
+        ax.axis("off")
+    fig.suptitle(f"Signature distributions by response, {_label(cohort)}", fontsize=10)
+    return _save(fig, path)
+
+
+def _fig_shap(s: pd.DataFrame, model: str, path: Path) -> Path | None:
+    plt = _plt()
+    s = s.assign(mean_abs_shap=pd.to_numeric(s["mean_abs_shap"], errors="coerce")).dropna(subset=["mean_abs_shap"])
+    if not len(s):
+        return None
+    s = s.sort_values("mean_abs_shap")
+    fig, ax = plt.subplots(figsize=(5.0, max(2.2, 0.8 + 0.3 * len(s))))
+    ax.barh(s["feature"].astype(str), s["mean_abs_shap"], color=PALETTE[0])
+    n = pd.to_numeric(s["n_patients"], errors="coerce").max() if "n_patients" in s else math.nan
+    ax.set(xlabel="mean |SHAP| (probability of good response)",
+           title=f"{model}: global importance" + (f" (n={int(n)})" if pd.notna(n) else ""))
+    ax.grid(axis="y", visible=False)
+    return _save(fig, path)
+
+
+def _fig_per_site(ps: pd.DataFrame, colour: dict[str, str], shown: list[str], path: Path) -> Path | None:
+    plt = _plt()
+    if not {"model", "site", "auc", "auc_lo", "auc_hi"} <= set(ps.columns):
+        return None
+    ps = ps.copy()
+    for c in ("auc", "auc_lo", "auc_hi"):
+        ps[c] = pd.to_numeric(ps[c], errors="coerce")
+    ps["model"] = ps["model"].astype(str)
+    ms = [m for m in shown if m in set(ps["model"])] or drawn_models(list(dict.fromkeys(ps["model"])))
+    ps = ps[ps["model"].isin(ms)]
+    if not ps["auc"].notna().any():
+        return None
+    ps["row"] = ps["site"].astype(str)
+    if "split" in ps and ps.groupby(["model", "row"]).size().max() > 1:
+        ps["row"] = ps["row"] + " / " + ps["split"].astype(str)
+    rows = list(dict.fromkeys(ps["row"]))
+    roles = ps.drop_duplicates("row").set_index("row")["role"] if "role" in ps else pd.Series(dtype=str)
+    fig, ax = plt.subplots(figsize=(5.6, 1.2 + 0.6 * len(rows)))
+    for j, m in enumerate(ms):
+        r = ps[ps["model"] == m].drop_duplicates("row").set_index("row").reindex(rows)
+        y = np.arange(len(rows)) + (j - (len(ms) - 1) / 2) * min(0.18, 0.8 / max(len(ms), 1))
+        ok = r["auc"].notna().to_numpy()
+        if not ok.any():
+            continue
+        lo = (r["auc"] - r["auc_lo"]).clip(lower=0).fillna(0)[ok]
+        hi = (r["auc_hi"] - r["auc"]).clip(lower=0).fillna(0)[ok]
+        ax.errorbar(r["auc"][ok], y[ok], xerr=[lo, hi], fmt="o", color=colour.get(m, "#666666"), ms=4, capsize=2,
+                    label=m)
+    ax.axvline(0.5, color="#888888", ls="--", lw=1)
+    ax.set_yticks(np.arange(len(rows)), [f"{r} ({roles.get(r, '')})" if len(roles) else r for r in rows])
+    ax.invert_yaxis()
+    ax.set(xlabel="AUC (95% CI) on the site's held-out patients", xlim=(0, 1), title="Per-site performance")
+    ax.legend(frameon=False, loc="best")
+    return _save(fig, path)
+
+
+def _render(run_dir: Path, inp: Inputs) -> tuple[dict[str, Path], dict[str, str]]:
+    """Every figure the inputs allow, as ``{stem: path}``, and ``{figure kind: why not drawn}``."""
     fig_dir = run_dir / "figures"
-    curves = _curves(run_dir)
-    perf = _read(run_dir, "tables/table3_performance.csv")
-    models = list(dict.fromkeys(perf["model"])) if perf is not None else []
-    shown = _shown(models)
-    cohorts = list(dict.fromkeys(c["cohort"] for c in curves.get("roc", [])))
+    figs: dict[str, Path] = {}
+    why: dict[str, str] = {}
+    shown = drawn_models(_models(inp))
+    colour = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(shown)}
 
-    for cohort in cohorts:
-        fig, ax = plt.subplots(figsize=(4.6, 4.4))
-        for c in curves["roc"]:
-            if c["cohort"] != cohort or c["model"] not in shown:
-                continue
-            col = _colour(shown, c["model"])
-            ax.step(c["fpr"], c["tpr"], where="post", color=col, lw=1.8,
-                    label=f"{c['model']} (AUC {c['auc']:.3f} [{c['auc_lo']:.3f}-{c['auc_hi']:.3f}])")
-            ax.fill_between(c["fpr"], c["tpr_lo"], c["tpr_hi"], step="post", color=col, alpha=0.15, lw=0)
-        ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1)
-        ax.set(xlabel="1 - specificity", ylabel="Sensitivity", title=f"ROC, {_label(cohort)}", xlim=(0, 1),
-               ylim=(0, 1.01))
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
-        out.append(_save(fig, fig_dir / f"roc_{cohort}.png"))
+    def attempt(kind: str, stem: str, fn: Any, *args: Any) -> None:
+        try:
+            p = fn(*args, fig_dir / f"{stem}.png")
+        except Exception as exc:  # noqa: BLE001 - one malformed curve must not cost the whole report
+            logger.warning("figure %s not drawn: %s", stem, exc)
+            why.setdefault(kind, f"{stem}.png could not be drawn ({type(exc).__name__}: {exc})")
+            return
+        if p is not None:
+            figs[stem] = p
 
-    cal = _read(run_dir, "tables/calibration.csv")
-    for cohort in dict.fromkeys(c["cohort"] for c in curves.get("calibration", [])):
-        fig, ax = plt.subplots(figsize=(4.6, 4.4))
-        for c in curves["calibration"]:
-            if c["cohort"] != cohort or c["model"] not in shown:
-                continue
-            lab = c["model"]
-            if cal is not None:
-                r = cal[(cal["model"] == c["model"]) & (cal["cohort"] == cohort)]
-                if len(r) and pd.notna(r["brier"].iloc[0]):
-                    lab += f" (Brier {r['brier'].iloc[0]:.3f}, ECE {r['ece'].iloc[0]:.3f})"
-            n = np.asarray(c["n"], dtype=float)
-            col = _colour(shown, c["model"])
-            ax.plot(c["mean_predicted"], c["observed"], "-", color=col, lw=1.2)
-            ax.scatter(c["mean_predicted"], c["observed"], s=12 + 4 * n, color=col, alpha=0.8, label=lab)
-        ax.plot([0, 1], [0, 1], ls="--", color="#999999", lw=1, label="ideal")
-        ax.set(xlabel="Mean predicted probability", ylabel="Observed rate of good response",
-               title=f"Calibration, {_label(cohort)}", xlim=(0, 1), ylim=(0, 1))
-        ax.legend(loc="upper left", fontsize=7, frameon=False)
-        out.append(_save(fig, fig_dir / f"calibration_{cohort}.png"))
-
-    for d in curves.get("decision", []):
-        fig, ax = plt.subplots(figsize=(4.6, 4.0))
-        t = np.asarray(d["thresholds"])
-        top = 0.05
-        for m, nb in d["models"].items():
-            if m in shown:
-                ax.plot(t, nb, color=_colour(shown, m), lw=1.8, label=m)
-                top = max(top, float(np.nanmax(nb)))
-        if d.get("treat_all"):
-            ax.plot(t, d["treat_all"], color="#777777", lw=1, label="treat all")
-            top = max(top, float(np.nanmax(d["treat_all"])))
-        ax.axhline(0, color="#000000", lw=1, label="treat none")
-        ax.set(xlabel="Threshold probability", ylabel="Net benefit", title=f"Decision curve, {_label(d['cohort'])}",
-               ylim=(-0.05, top + 0.05), xlim=(0, 1))
-        ax.legend(fontsize=8, frameon=False)
-        out.append(_save(fig, fig_dir / f"decision_{d['cohort']}.png"))
-
-    dists = curves.get("distributions", [])
-    for cohort in dict.fromkeys(d["cohort"] for d in dists):
-        items = [d for d in dists if d["cohort"] == cohort]
-        ncol = min(3, len(items))
-        nrow = math.ceil(len(items) / ncol)
-        fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False)
-        for ax, d in zip(axes.flat, items, strict=False):
-            e = np.asarray(d["edges"])
-            for key, col, lab in (("good", PALETTE[2], "good response"), ("poor", PALETTE[1], "poor response")):
-                cnt = np.asarray(d[key], dtype=float)
-                dens = cnt / max(cnt.sum(), 1) / np.diff(e)
-                ax.stairs(dens, e, color=col, lw=1.6, label=lab)
-            ax.set_title(d["signature"], fontsize=9)
-            ax.set_xlim(e[0], e[-1])
-        for ax in list(axes.flat)[len(items):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7, frameon=False)
-        fig.suptitle(f"Signature distributions by response, {_label(cohort)}", fontsize=10)
-        out.append(_save(fig, fig_dir / f"signatures_{cohort}.png"))
-
-    shap = _read(run_dir, "tables/shap_importance.csv")
-    if shap is not None and len(shap):
-        for m in _shown(list(dict.fromkeys(shap["model"]))):
-            s = shap[shap["model"] == m].dropna(subset=["mean_abs_shap"]).sort_values("mean_abs_shap")
-            if not len(s):
-                continue
-            fig, ax = plt.subplots(figsize=(4.6, max(2.2, 0.6 + 0.28 * len(s))))
-            ax.barh(s["feature"], s["mean_abs_shap"], color=PALETTE[0])
-            ax.set(xlabel="mean |SHAP| (probability of good response)", title=f"{m}: global importance")
-            out.append(_save(fig, fig_dir / f"shap_{m}.png"))
-
-    ps = _read(run_dir, "tables/per_site.csv")
-    if ps is not None and len(ps) and ps["auc"].notna().any():
-        sites = list(dict.fromkeys(ps["site"]))
-        ms = _shown(list(dict.fromkeys(ps["model"])))
-        fig, ax = plt.subplots(figsize=(5.2, 0.8 + 0.55 * len(sites)))
-        for j, m in enumerate(ms):
-            r = ps[ps["model"] == m].set_index("site").reindex(sites)
-            y = np.arange(len(sites)) + (j - (len(ms) - 1) / 2) * 0.18
-            ok = r["auc"].notna().to_numpy()
-            ax.errorbar(r["auc"][ok], y[ok], xerr=[(r["auc"] - r["auc_lo"])[ok], (r["auc_hi"] - r["auc"])[ok]],
-                        fmt="o", color=_colour(ms, m), ms=4, capsize=2, label=m)
-        ax.axvline(0.5, color="#999999", ls="--", lw=1)
-        roles = ps.drop_duplicates("site").set_index("site")["role"]
-        ax.set_yticks(np.arange(len(sites)), [f"{s} ({roles.get(s, '')})" for s in sites])
-        ax.set(xlabel="AUC (95% CI) on the site's test patients", xlim=(0, 1), title="Per-site performance")
-        ax.legend(fontsize=8, frameon=False)
-        out.append(_save(fig, fig_dir / "per_site_auc.png"))
-    return out
+    for c in _ordered(c.get("cohort") for c in inp.curve("roc")):
+        attempt("roc", f"roc_{_slug(c)}", _fig_roc, inp, c, shown, colour)
+    for c in _ordered(c.get("cohort") for c in inp.curve("calibration")):
+        attempt("calibration", f"calibration_{_slug(c)}", _fig_calibration, inp, c, shown, colour)
+    dec = {str(d.get("cohort")): d for d in inp.curve("decision")}
+    for c in _ordered(dec):
+        attempt("decision", f"decision_{_slug(c)}", _fig_decision, dec[c], shown, colour)
+    dists = inp.curve("distributions")
+    for c in _ordered(d.get("cohort") for d in dists):
+        attempt("signatures", f"signatures_{_slug(c)}", _fig_signatures,
+                [d for d in dists if str(d.get("cohort")) == c], c)
+    shap = inp.get("shap_importance")
+    if shap is not None and {"model", "feature", "mean_abs_shap"} <= set(shap.columns):
+        for m in dict.fromkeys(shap["model"].astype(str)):
+            attempt("shap", f"shap_{_slug(m)}", _fig_shap, shap[shap["model"].astype(str) == m], m)
+    ps = inp.get("per_site")
+    if ps is not None:
+        attempt("per_site", "per_site_auc", _fig_per_site, ps, colour, shown)
+    for kind, key in (("roc", "roc"), ("calibration", "calibration"), ("decision", "decision"),
+                      ("signatures", "distributions")):
+        if not any(s.startswith(kind + "_") for s in figs):
+            why.setdefault(kind, inp.curve_why(key) if not inp.curve(key) else "no entry could be drawn")
+    if not any(s.startswith("shap_") for s in figs):
+        why.setdefault("shap", inp.why("shap_importance") if shap is None else "no importance value to draw")
+    if "per_site_auc" not in figs:
+        why.setdefault("per_site", inp.why("per_site") if ps is None else "no per-site AUC to draw")
+    return figs, why
 
 
-# --------------------------------------------------------------------------- HTML
-def _fmt(v: Any, kind: str = "num") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, str) and v == ""):
-        return "&ndash;"
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else ""
+def render_figures(run_dir: Path | str) -> list[Path]:
+    """Draw every figure the inputs allow into ``run_dir/figures``; returns the paths written.
+
+    ``roc_<cohort>``, ``calibration_<cohort>``, ``decision_<cohort>``, ``signatures_<cohort>``,
+    ``shap_<model>`` and ``per_site_auc`` (PNG, 150 dpi, Okabe-Ito colours).
+    """
+    run_dir = Path(run_dir)
+    return list(_render(run_dir, Inputs(run_dir))[0].values())
+
+
+# --------------------------------------------------------------------------- formatting
+def fmt(v: Any, kind: str = "num") -> str:
+    """One table cell as HTML: ``num`` 3 decimals, ``p`` 3 significant digits or ``<0.001``, ``or``
+    2 decimals, ``g`` 3 significant digits, ``int``, ``bool``, ``text``, ``label`` (blank when empty)."""
+    if _missing(v):
+        return "" if kind == "label" else "&ndash;"
+    if kind == "bool":
+        return "yes" if _truthy(v) else "no"
+    if kind in ("text", "label") or (isinstance(v, str) and kind != "p"):
+        if isinstance(v, (float, np.floating)):
+            return str(int(v)) if float(v).is_integer() else f"{float(v):.3f}"
+        return html.escape(str(v))
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return html.escape(str(v))
     if kind == "p":
-        v = float(v)
-        return "&lt;0.001" if v < 0.001 else f"{v:.3g}"
+        return "&lt;0.001" if f < 0.001 else f"{min(f, 1.0):.3g}"
+    if kind == "or":
+        return f"{f:.2f}" if abs(f) < 1000 else f"{f:.3g}"
+    if kind == "g":
+        return f"{f:.3g}"
     if kind == "int":
-        return str(int(v))
+        return f"{int(round(f)):,}"
     if isinstance(v, (int, np.integer)):
         return str(int(v))
-    if isinstance(v, (float, np.floating)):
-        return f"{float(v):.3f}"
-    return html.escape(str(v))
+    return f"{f:.3f}"
 
 
-def _table(df: pd.DataFrame | None, columns: dict[str, str], kinds: dict[str, str] | None = None,
-           highlight: str | None = None) -> str:
+def _na(why: str) -> str:
+    return f'<p class="na">not available: {html.escape(why)}</p>'
+
+
+def _table(df: pd.DataFrame | None, columns: dict[str, str], kinds: dict[str, str] | None = None, *,
+           highlight: str | None = None, why: str = "", note: bool = False) -> str:
+    """An HTML table of ``columns`` (``{column: header}``); absent columns show as dashes."""
     if df is None or not len(df):
-        return '<p class="na">not available</p>'
+        return _na(why or "nothing to show")
     kinds = kinds or {}
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in columns.values())
+    cols = dict(columns)
+    if note:
+        cols["note"] = "Note"
+        kinds = {**kinds, "note": "label"}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in cols.values())
     rows = []
     for _, r in df.iterrows():
-        cls = ' class="hl"' if highlight and bool(r.get(highlight, False)) else ""
-        cells = "".join(f"<td>{_fmt(r.get(c), kinds.get(c, 'num'))}</td>" for c in columns)
+        cls = ' class="hl"' if highlight and _truthy(r.get(highlight)) else ""
+        cells = "".join(f'<td{" class=note" if c == "note" else ""}>{fmt(r.get(c), kinds.get(c, "num"))}</td>'
+                        for c in cols)
         rows.append(f"<tr{cls}>{cells}</tr>")
     return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _delong_matrices(dl: pd.DataFrame | None) -> str:
-    if dl is None or not len(dl):
-        return '<p class="na">not available: fewer than two fusion models were fitted</p>'
+def _explain(text: str) -> str:
+    return f'<p class="explain">{text}</p>'
+
+
+# --------------------------------------------------------------------------- sections
+def _delong(dl: pd.DataFrame | None, why: str) -> str:
+    if dl is None or not {"cohort", "model_a", "model_b", "p"} <= set(dl.columns):
+        return _na(why if dl is None else "tables/delong.csv lacks the cohort/model_a/model_b/p columns")
     parts = []
-    for cohort, d in dl.groupby("cohort", sort=False):
-        models = list(dict.fromkeys([*d["model_a"], *d["model_b"]]))
-        m = pd.DataFrame("", index=models, columns=models)
-        for r in d.itertuples():
-            m.loc[r.model_a, r.model_b] = m.loc[r.model_b, r.model_a] = _fmt(r.p, "p")
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in models)
-        body = "".join(f"<tr><th>{html.escape(i)}</th>" + "".join(f"<td>{m.loc[i, c] or '&middot;'}</td>"
-                                                                    for c in models) + "</tr>" for i in models)
-        parts.append(f"<h4>{_label(str(cohort))}</h4><table class=\"matrix\"><thead><tr><th></th>{head}</tr></thead>"
-                     f"<tbody>{body}</tbody></table>")
-    return "".join(parts)
+    for cohort in _ordered(dl["cohort"]):
+        d = dl[dl["cohort"].astype(str) == cohort]
+        models = list(dict.fromkeys([*d["model_a"].astype(str), *d["model_b"].astype(str)]))
+        cell: dict[tuple[str, str], str] = {}
+        for _, r in d.iterrows():
+            p = fmt(r["p"], "p")
+            if _missing(r["p"]) and not _missing(r.get("note")):
+                p = "&ndash;<sup>*</sup>"
+            cell[(str(r["model_a"]), str(r["model_b"]))] = cell[(str(r["model_b"]), str(r["model_a"]))] = p
+        head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+        body = "".join(
+            f"<tr><th>{html.escape(a)}</th>" + "".join(
+                f"<td>{'&middot;' if a == b else cell.get((a, b), '&ndash;')}</td>" for b in models) + "</tr>"
+            for a in models)
+        parts.append(f"<h4>{html.escape(_label(cohort))}</h4><table class=\"matrix\"><thead><tr><th>Model</th>"
+                     f"{head}</tr></thead><tbody>{body}</tbody></table>")
+    return "".join(parts) + '<p class="small"><sup>*</sup> withheld by disclosure control (see the last section).</p>'
 
 
-def _meta(run_dir: Path) -> dict[str, Any]:
+def _meta(run_dir: Path, inp: Inputs) -> dict[str, Any]:
     import yaml
 
-    meta: dict[str, Any] = {"run_dir": str(run_dir)}
+    meta: dict[str, Any] = {}
+    cfg: Any = {}
     if (run_dir / "config.yaml").is_file():
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-        fed = cfg.get("federation", {})
-        meta.update(name=cfg.get("name"), mode=fed.get("mode"), strategy=fed.get("strategy"), rounds=fed.get("rounds"),
-                    backbone=cfg.get("train", {}).get("backbone"), min_cell_count=cfg.get("privacy", {}).get(
-                        "min_cell_count"))
+        try:
+            cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            logger.warning("config.yaml not readable (%s); header without it", exc)
+        cfg = cfg if isinstance(cfg, dict) else {}
+        fed = cfg.get("federation") or {}
+        meta.update(name=cfg.get("name"), mode=fed.get("mode"), strategy=fed.get("strategy"),
+                    rounds=fed.get("rounds"), backbone=(cfg.get("train") or {}).get("backbone"),
+                    min_cell_count=(cfg.get("privacy") or {}).get("min_cell_count"))
     if (run_dir / "models" / "final.json").is_file():
-        fj = json.loads((run_dir / "models" / "final.json").read_text(encoding="utf-8"))
-        meta.update(config_digest=fj.get("config_digest"), versions=fj.get("library_versions", {}),
-                    trained_at=fj.get("created_at"))
+        try:
+            fj = json.loads((run_dir / "models" / "final.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            logger.warning("models/final.json not readable (%s); header without it", exc)
+            fj = {}
+        fj = fj if isinstance(fj, dict) else {}
+        for k in ("mode", "strategy", "rounds", "config_digest"):
+            if meta.get(k) is None and fj.get(k) is not None:
+                meta[k] = fj[k]
+        meta.update(versions=fj.get("library_versions") or {}, trained_at=fj.get("created_at"),
+                    backbone=meta.get("backbone") or fj.get("network"))
     if (run_dir / "run.db").is_file():
         try:
             from server.store import RunStore
@@ -271,148 +534,348 @@ def _meta(run_dir: Path) -> dict[str, Any]:
             with RunStore.open_run_dir(run_dir, readonly=True) as store:
                 runs = store.runs()
                 if len(runs):
-                    rid = str(runs["run_id"].iloc[0])
-                    meta.update(run_id=rid, status=runs["status"].iloc[0], started_at=runs["created_at"].iloc[0])
+                    r = runs.iloc[-1]
+                    rid = str(r["run_id"])
+                    meta.update(run_id=rid, status=r.get("status"), started_at=r.get("created_at"),
+                                finished_at=r.get("finished_at"), engine=r.get("engine"))
+                    for k, col in (("config_digest", "config_digest"), ("name", "name"), ("mode", "mode"),
+                                   ("strategy", "strategy")):
+                        meta[k] = meta.get(k) or r.get(col)
                     ev = store.events(rid)
-                    joined = ev[ev["kind"] == "site_joined"]
-                    meta["sites"] = [f"{r.site}: {r.message.split(' as ')[-1]}" for r in joined.itertuples()]
+                    joined = ev[ev["kind"] == "site_joined"] if "kind" in ev else ev.iloc[:0]
+                    sites = {}
+                    for e in joined.itertuples():
+                        msg = str(e.message)
+                        sites[str(e.site)] = msg.split(" as ")[-1] if " as " in msg else ""
+                    if sites:
+                        meta["sites"] = sites
         except Exception as exc:  # noqa: BLE001 - the report still renders without the run record
             logger.warning("run record not readable (%s); header without it", exc)
+    if not meta.get("sites"):
+        ps = inp.get("per_site")
+        if ps is not None and {"site", "role"} <= set(ps.columns):
+            meta["sites"] = {str(s): str(r) for s, r in ps.drop_duplicates("site")[["site", "role"]].itertuples(
+                index=False) if not str(s).startswith("pooled")}
+        elif cfg:
+            ext = set((cfg.get("federation") or {}).get("external_sites") or [])
+            specs = (cfg.get("synth") or {}).get("sites") or []
+            meta["sites"] = {str(s.get("name")): "external" if s.get("external") or s.get("name") in ext else "train"
+                             for s in specs if isinstance(s, dict)}
     return meta
 
 
+def _header(meta: dict[str, Any], run_dir: Path) -> str:
+    def v(k: str) -> Any:
+        x = meta.get(k)
+        return None if _missing(x) else x
+
+    parts = [str(v(k)) for k in ("mode", "strategy") if v(k) is not None]
+    if v("rounds") is not None:
+        parts.append(f"{v('rounds')} rounds")
+    training = " / ".join(parts) + (f", {v('backbone')}" if v("backbone") else "")
+    sites = meta.get("sites") or {}
+    rows = [("Run", v("name") or run_dir.name), ("Run id", v("run_id")), ("Status", v("status")),
+            ("Date", v("finished_at") or v("started_at") or v("trained_at")), ("Config digest", v("config_digest")),
+            ("Mode / strategy / rounds", training or None), ("Engine", v("engine")),
+            ("Sites (role)", ", ".join(f"{s} ({r})" if r else s for s, r in sites.items()) or None),
+            ("Disclosure control", f"no number describes fewer than {v('min_cell_count')} patients"
+             if v("min_cell_count") is not None else None),
+            ("Libraries", ", ".join(f"{k} {x}" for k, x in (meta.get("versions") or {}).items()) or None),
+            ("Run directory", str(run_dir))]
+    missing = '<span class="na">not recorded</span>'
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{missing if x is None else fmt(x, 'text')}</td></tr>"
+                   for k, x in rows)
+    return f'<table class="meta">{body}</table>'
+
+
+_KEYS = {"table1_baseline": ("cohort", "variable", "level"), "table2_odds_ratios": ("predictor",),
+         "table3_performance": ("model", "cohort"), "delong": ("cohort", "model_a", "model_b"),
+         "calibration": ("model", "cohort"), "per_site": ("model", "site", "split"),
+         "fusion_models": ("model",), "shap_importance": ("model", "feature"),
+         "signature_auc": ("backbone", "site", "split")}
+_VALUES = {"table2_odds_ratios": ("uni_or", "uni_p", "multi_or", "multi_p"),
+           "table3_performance": ("auc", "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity", "f1"),
+           "delong": ("auc_a", "auc_b", "diff", "p"), "calibration": ("brier", "ece", "slope", "intercept"),
+           "per_site": ("auc", "auc_lo", "auc_hi", "accuracy", "sensitivity", "specificity", "f1"),
+           "fusion_models": ("C", "gamma", "cv_auc", "platt_a", "platt_b"),
+           "shap_importance": ("mean_abs_shap",), "signature_auc": ("auc", "lo", "hi")}
+_TITLES = {"table1_baseline": "Table 1", "table2_odds_ratios": "Table 2", "table3_performance": "Table 3",
+           "delong": "DeLong", "calibration": "Calibration", "per_site": "Per-site", "fusion_models": "Fusion models",
+           "shap_importance": "SHAP", "signature_auc": "Signature AUC"}
+
+
+def _empty_values(name: str, r: pd.Series, columns: Any) -> list[str]:
+    """The value cells of a table row that are empty although the row should have them."""
+    if name == "table1_baseline":
+        # an "n" row has no p-value, a categorical variable's header row no counts, its level rows no p-value
+        header = _missing(r.get("level")) and "(%)" in str(r.get("variable"))
+        cand = () if header else ("good_response", "poor_response")
+        if str(r.get("variable")) != "n" and _missing(r.get("level")):
+            cand += ("p_value",)
+    elif name == "table2_odds_ratios" and not _truthy(r.get("selected")):
+        cand = ("uni_or", "uni_p")  # multi_* are empty by design outside the multivariable model
+    else:
+        cand = _VALUES[name]
+    return [c for c in cand if c in columns and _missing(r.get(c))]
+
+
+def noted_rows(inp: Inputs) -> pd.DataFrame:
+    """Every table row with a disclosure note: ``table, row, withheld`` (its empty value cells), ``note``."""
+    out = []
+    for name, keys in _KEYS.items():
+        df = inp.get(name)
+        if df is None or "note" not in df.columns:
+            continue
+        for _, r in df.iterrows():
+            if _missing(r.get("note")):
+                continue
+            row = " / ".join(str(r.get(k)) for k in keys if k in df.columns and not _missing(r.get(k)))
+            out.append({"table": _TITLES[name], "row": row or "(whole table)",
+                        "withheld": ", ".join(_empty_values(name, r, df.columns)), "note": str(r["note"])})
+    return pd.DataFrame(out, columns=["table", "row", "withheld", "note"])
+
+
+def _disclosure(inp: Inputs) -> str:
+    parts = []
+    noted = noted_rows(inp)
+    withheld = noted[noted["withheld"] != ""]
+    rest = noted[noted["withheld"] == ""]
+    parts.append("<h3>Numbers withheld</h3>" + _explain(
+        "Each row of a table above with withheld numbers (listed), and the note saying which site's summary "
+        "failed the minimum cell count."))
+    if len(withheld):
+        parts.append(_table(withheld, {"table": "Table", "row": "Row", "withheld": "Withheld"},
+                            {"table": "text", "row": "text", "withheld": "text"}, note=True))
+    else:
+        parts.append("<p>No number in the tables above was withheld.</p>")
+    if len(rest):
+        parts.append(f"<details><summary>{len(rest)} further rows carry a note but no withheld number (e.g. "
+                     "histograms coarsened: small cells merged with their neighbours)</summary>" +
+                     _table(rest, {"table": "Table", "row": "Row"}, {"table": "text", "row": "text"}, note=True) +
+                     "</details>")
+    sup = inp.get("suppressions")
+    parts.append("<h3>Suppression log</h3>" + _explain(
+        "Every summary a site withheld or coarsened, as the sites reported it (<code>tables/suppressions.csv</code>)"
+        ", grouped by site and reason; the full list below."))
+    if sup is None:
+        parts.append("<p>Nothing was suppressed.</p>" if inp.why("suppressions").endswith("has no rows")
+                     else _na(inp.why("suppressions")))
+    else:
+        sup = sup.reindex(columns=["quantity", "site", "reason"])
+        sup = sup.astype(object).where(sup.notna(), "")
+        g = (sup.groupby(["site", "reason"], sort=False)["quantity"]
+             .agg(n="size", quantities=lambda q: ", ".join(list(dict.fromkeys(map(str, q)))[:6]) +
+                  (", ..." if q.nunique() > 6 else "")).reset_index())
+        parts.append(_table(g, {"site": "Site", "reason": "Reason", "n": "Quantities", "quantities": "e.g."},
+                            {"site": "text", "reason": "text", "n": "int", "quantities": "text"}))
+        parts.append(f"<details><summary>All {len(sup)} suppressions</summary>" +
+                     _table(sup, {"quantity": "Quantity", "site": "Site", "reason": "Reason"},
+                            {"quantity": "text", "site": "text", "reason": "text"}) + "</details>")
+    return "".join(parts)
+
+
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;color:#222;
+body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1150px;color:#222;
 line-height:1.45;padding:0 1rem}h1{margin-bottom:.2rem}h2{border-bottom:2px solid #0072B2;padding-bottom:.2rem;
-margin-top:2.2rem}table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1rem}th,td{border:1px solid #ddd;
-padding:.25rem .5rem;text-align:right}th{background:#f3f6f9}td:first-child,th:first-child{text-align:left}
-tr.hl td{background:#fff4d6;font-weight:600}.na{color:#888;font-style:italic}.explain{color:#444;margin:.2rem 0}
-figure{display:inline-block;margin:.5rem;vertical-align:top}figure img{max-width:480px;border:1px solid #eee}
-figcaption{font-size:.8rem;color:#555;max-width:480px}.meta td{text-align:left}.matrix td{text-align:center}
-.small{font-size:.8rem;color:#555}td:last-child{text-align:left;font-size:.75rem;color:#666;max-width:22rem}
+margin-top:2.4rem}h3{margin-top:1.6rem}table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1rem}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right;vertical-align:top}th{background:#f3f6f9}
+td:first-child,th:first-child{text-align:left}tr.hl td{background:#fff4d6;font-weight:600}
+.na{color:#888;font-style:italic}.explain{color:#444;margin:.2rem 0 .4rem}
+figure{display:inline-block;margin:.5rem;vertical-align:top}figure img{max-width:520px;width:100%;
+border:1px solid #eee}figcaption{font-size:.8rem;color:#555;max-width:520px}.meta td,.meta th{text-align:left}
+.matrix td{text-align:center}.small{font-size:.8rem;color:#555}td.note{text-align:left;font-size:.72rem;color:#666;
+max-width:24rem}nav{font-size:.85rem}nav a{margin-right:.8rem}details{margin:.4rem 0 1rem}summary{cursor:pointer}
 """
 
+PAGE = Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>$title</title><style>$css</style></head>
+<body><h1>$title</h1>
+<p class="small">Generated $generated by <code>rectalfl report</code>. Tables as CSV in <code>tables/</code>,
+figures as PNG in <code>figures/</code>.</p>
+$header
+<nav>$nav</nav>
+$sections
+</body></html>
+""")
 
-def build_report(run_dir: Path) -> Path:
-    """Render the figures and ``report.html``; returns the HTML path.
+
+def _section(sid: str, title: str, body: str) -> tuple[str, str, str]:
+    return sid, title, f'<section id="{sid}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def _check(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such directory (give the run directory printed at the end of a run)")
+    if not (run_dir / REQUIRED).is_file():
+        if not ((run_dir / "config.yaml").is_file() or (run_dir / "run.db").is_file()):
+            raise ReportError(f"{run_dir} is not a run directory (it has no config.yaml or run.db, and no {REQUIRED}"
+                              "); give the directory printed at the end of a run")
+        raise ReportError(f"{run_dir / REQUIRED} not found: it is written by {MAKER}, which did not finish here; "
+                          f"continue the run with `rectalfl simulate --resume {run_dir}` (or `rectalfl run "
+                          f"--resume {run_dir}` on a deployment)")
+
+
+def build_report(run_dir: Path | str) -> Path:
+    """Render the figures and ``run_dir/report.html``; returns the HTML path.
 
     Raises
     ------
     ReportError
-        When ``run_dir`` is not a run directory or its analysis tables are missing.
+        When ``run_dir`` is not a run directory or lacks ``tables/table3_performance.csv``.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: no such directory (give the run directory printed at the end of a run)")
-    if not (run_dir / REQUIRED).is_file():
-        hint = ("it is not a run directory" if not (run_dir / "config.yaml").is_file() else
-                "the analysis stage did not finish; continue the run with `rectalfl simulate --resume "
-                f"{run_dir}` (or `rectalfl run --resume` on a deployment)")
-        raise ReportError(f"{run_dir / REQUIRED} not found: {hint}")
-    figs = {p.stem: p for p in render_figures(run_dir)}
-    meta = _meta(run_dir)
-    t = {n: _read(run_dir, f"tables/{n}.csv") for n in (
-        "table1_baseline", "table2_odds_ratios", "table3_performance", "delong", "calibration", "per_site",
-        "fusion_models", "shap_importance", "suppressions", "signature_auc")}
-    perf = t["table3_performance"]
-    cohorts = list(dict.fromkeys(perf["cohort"]))
+    _check(run_dir)
+    inp = Inputs(run_dir)
+    perf = inp.get("table3_performance")
+    if perf is None:
+        raise ReportError(f"{run_dir / REQUIRED}: {inp.why('table3_performance')}; re-run {MAKER}")
+    if not {"model", "cohort", "auc"} <= set(perf.columns):
+        raise ReportError(f"{run_dir / REQUIRED} lacks the model, cohort or auc column; re-run {MAKER}")
+    figs, fig_why = _render(run_dir, inp)
+    meta = _meta(run_dir, inp)
+    t = inp.get
+    models = _models(inp)
+    shown = drawn_models(models)
 
-    def fig_block(prefix: str, caption: str) -> str:
-        blocks = [_img(p, f"{caption}: {_label(k[len(prefix) + 1:])}") for k, p in figs.items()
-                  if k.startswith(prefix + "_")]
-        return "".join(blocks) or '<p class="na">not available</p>'
+    def fig_block(kind: str, caption: str) -> str:
+        blocks = [_img(p, f"{caption}, {_label(k[len(kind) + 1:])}") for k, p in figs.items()
+                  if k.startswith(kind + "_")]
+        return "".join(blocks) or _na(fig_why.get(kind, "no data"))
 
-    sections = []
-    rows = [("Run", meta.get("name")), ("Run id", meta.get("run_id")), ("Status", meta.get("status")),
-            ("Started", meta.get("started_at")), ("Config digest", meta.get("config_digest")),
-            ("Training", f"{meta.get('mode')} / {meta.get('strategy')} / {meta.get('rounds')} rounds, "
-                         f"{meta.get('backbone')}"),
-            ("Sites", ", ".join(meta.get("sites", [])) or None),
-            ("Disclosure control", f"no number describes fewer than {meta.get('min_cell_count')} patients"),
-            ("Libraries", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()) or None)]
-    head = "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in rows)
-    sections.append(f'<table class="meta">{head}</table>')
-    sections.append(
-        "<h2>How to read this report</h2><p>Every number here was computed from summaries the hospitals "
-        "sent (counts, sums, histogram cells on a shared grid, model gradients), never from patient rows. "
-        "<b>Training cohort</b>: the training sites' training patients, the only patients any model or "
-        "hyper-parameter saw. <b>Internal test</b>: the same sites' held-out patients. <b>External "
-        "validation</b>: sites that never trained. FDL fuses the six deep-learning signatures, CR the "
-        "clinical-radiological predictors selected below, CRD both; each is an RBF-kernel SVM trained "
-        "federatedly. Where disclosure control withheld a number it shows as &ndash; and the last section "
-        "says why.</p>")
-    sections.append("<h2>Table 1. Baseline characteristics by response</h2><p class=\"explain\">Per cohort: "
-                    "good responders (TRG 0-1) vs poor responders, mean &plusmn; SD, median [IQR] or n (%), with "
-                    "the test used.</p>")
-    t1 = t["table1_baseline"]
-    if t1 is not None and len(t1):
-        for c, d in t1.groupby("cohort", sort=False):
-            sections.append(f"<h4>{_label(str(c))}</h4>" + _table(d, {
+    sections = [_section("read", "How to read this report", (
+        "<p>Every number here was computed from summaries the hospitals sent (counts, sums, histogram cells on "
+        "a shared grid, model gradients), never from patient rows, and equals what pooling the patients would "
+        "give (up to the stated grid bound). <b>Training cohort</b>: the training sites' training patients, the "
+        "only patients any model or hyper-parameter saw. <b>Internal test</b>: the same sites' held-out patients. "
+        "<b>External validation</b>: sites that never trained. FDL fuses the deep-learning signatures, CR the "
+        "clinical-radiological predictors selected in Table 2, CRD both; each is an RBF-kernel SVM trained "
+        "federatedly; other models are the study's variants. Judge a model on the internal test and external "
+        "cohorts: AUC (discrimination, 0.5 = chance) with its 95% CI, calibration (are the predicted probabilities "
+        "right?) and net benefit (is acting on it better than treating everyone or no one?). A number withheld "
+        "by disclosure control shows as &ndash;; the last section lists each one and why.</p>"))]
+
+    t1 = t("table1_baseline")
+    body = _explain("Per cohort: good responders (TRG 0-1) vs poor responders (TRG 2-3); mean &plusmn; SD, "
+                    "median [IQR] or n (%), and the test behind each p-value.")
+    if t1 is not None and "cohort" in t1:
+        for c in _ordered(t1["cohort"]):
+            body += f"<h4>{html.escape(_label(c))}</h4>" + _table(t1[t1["cohort"].astype(str) == c], {
                 "variable": "Variable", "level": "Level", "good_response": "Good response",
-                "poor_response": "Poor response", "p_value": "p", "test": "Test"}, {"p_value": "p"}))
+                "poor_response": "Poor response", "p_value": "p", "test": "Test"},
+                {"variable": "text", "level": "label", "good_response": "text", "poor_response": "text",
+                 "p_value": "p", "test": "label"}, note=True)
     else:
-        sections.append('<p class="na">not available</p>')
-    sections.append("<h2>Table 2. Clinical-radiological predictors (training cohort)</h2><p class=\"explain\">"
-                    "Univariate logistic regression of good response on each candidate; those with p &lt; 0.10 "
-                    "enter one multivariable model; highlighted rows (p &lt; 0.05 there) are the independent "
-                    "predictors used by CR and CRD.</p>")
-    sections.append(_table(t["table2_odds_ratios"], {
-        "predictor": "Predictor", "uni_or": "OR", "uni_lo": "95% CI low", "uni_hi": "95% CI high", "uni_p": "p",
-        "multi_or": "adjusted OR", "multi_lo": "95% CI low", "multi_hi": "95% CI high", "multi_p": "p (adj.)",
-        "selected": "selected"}, {"uni_p": "p", "multi_p": "p"}, highlight="selected"))
-    sections.append("<h2>Table 3. Model performance per cohort</h2><p class=\"explain\">AUC with DeLong 95% CI; "
-                    "accuracy, sensitivity, specificity and F1 at the probability threshold shown.</p>")
-    for c in cohorts:
-        sections.append(f"<h4>{_label(c)}</h4>" + _table(perf[perf["cohort"] == c], {
+        body += _na(inp.why("table1_baseline") if t1 is None else "tables/table1_baseline.csv has no cohort column")
+    sections.append(_section("table1", "Table 1. Baseline characteristics by response", body))
+
+    sections.append(_section("table2", "Table 2. Clinical-radiological predictors (training cohort)", _explain(
+        "Odds ratios (per unit) of good response from univariate logistic regression; candidates with p &lt; 0.10 "
+        "enter one multivariable model; highlighted rows are the independent predictors (p &lt; 0.05 there) used by "
+        "CR and CRD.") + _table(t("table2_odds_ratios"), {
+            "predictor": "Predictor", "uni_or": "OR", "uni_lo": "95% CI low", "uni_hi": "95% CI high", "uni_p": "p",
+            "multi_or": "adjusted OR", "multi_lo": "adj. 95% CI low", "multi_hi": "adj. 95% CI high",
+            "multi_p": "p (adj.)", "selected": "selected"},
+            {"predictor": "text", "uni_or": "or", "uni_lo": "or", "uni_hi": "or", "uni_p": "p", "multi_or": "or",
+             "multi_lo": "or", "multi_hi": "or", "multi_p": "p", "selected": "bool"},
+            highlight="selected", why=inp.why("table2_odds_ratios"), note=True)))
+
+    body = _explain("Discrimination (AUC with DeLong 95% CI) and accuracy, sensitivity, specificity and F1 at the "
+                    "probability threshold shown; good = good responders (the positives), poor = poor responders.")
+    for c in _ordered(perf["cohort"]):
+        body += f"<h4>{html.escape(_label(c))}</h4>" + _table(perf[perf["cohort"].astype(str) == c], {
             "model": "Model", "n_pos": "good", "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low",
             "auc_hi": "95% CI high", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
-            "specificity": "Specificity", "f1": "F1", "threshold": "Threshold", "note": "Note"},
-            {"n_pos": "int", "n_neg": "int"}))
-    sections.append("<h2>Figures</h2>" + fig_block("roc", "ROC curves with pointwise 95% (Wilson) bands") +
-                    fig_block("calibration", "Calibration (marker size ~ patients per bin)") +
-                    fig_block("decision", "Decision curves") +
-                    fig_block("signatures", "Signature distributions by response (from pooled histograms)"))
-    sections.append("<h2>DeLong tests between models</h2><p class=\"explain\">Two-sided p-values of the paired "
-                    "DeLong test for equal AUCs, per cohort.</p>" + _delong_matrices(t["delong"]))
-    sections.append("<h2>Calibration</h2><p class=\"explain\">Brier score, expected calibration error (10 bins), "
-                    "calibration slope and intercept (logistic recalibration; ideal 1 and 0).</p>" +
-                    _table(t["calibration"], {"model": "Model", "cohort": "Cohort", "brier": "Brier", "ece": "ECE",
-                                              "slope": "Slope", "intercept": "Intercept"}))
-    sections.append("<h2>Per-site view</h2><p class=\"explain\">The fusion models on each site's own test "
-                    "patients (external sites: all their patients), to spot a site where a model fails.</p>" +
-                    (_img(figs["per_site_auc"], "AUC per site") if "per_site_auc" in figs else "") +
-                    _table(t["per_site"], {"model": "Model", "site": "Site", "role": "Role", "n_pos": "good",
-                                           "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low",
-                                           "auc_hi": "95% CI high", "accuracy": "Accuracy",
-                                           "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1",
-                                           "note": "Note"},
-                           {"n_pos": "int", "n_neg": "int"}))
-    shap_figs = "".join(_img(p, f"{k[5:]}: mean |SHAP| per input over the training cohort, aggregated from sites")
+            "specificity": "Specificity", "f1": "F1", "threshold": "Threshold"},
+            {"model": "text", "n_pos": "int", "n_neg": "int", "threshold": "g"}, note=True)
+    sections.append(_section("table3", "Table 3. Model performance per cohort", body))
+
+    sections.append(_section("delong", "DeLong tests between models", _explain(
+        "Two-sided p-values of the paired DeLong test that two models' AUCs are equal, per cohort (models in rows "
+        "and columns).") + _delong(t("delong"), inp.why("delong"))))
+
+    sections.append(_section("calibration", "Calibration", _explain(
+        "Brier score (mean squared error of the probabilities, lower is better), expected calibration error "
+        "(ECE), calibration slope and intercept (logistic recalibration; ideal 1 and 0).") + _table(
+        t("calibration"), {"model": "Model", "cohort": "Cohort", "brier": "Brier", "ece": "ECE", "slope": "Slope",
+                           "intercept": "Intercept"}, {"model": "text", "cohort": "text"},
+        why=inp.why("calibration"), note=True)))
+
+    drawn = ("" if shown == models else
+             f" The figures draw {', '.join(shown)}; the other {len(models) - len(shown)} models are in the tables.")
+    sections.append(_section("figures", "Figures", _explain(
+        "ROC curves with pointwise 95% bands; calibration (observed vs predicted per bin, marker area ~ patients in "
+        "the bin); decision curves (net benefit against the threshold probability at which one would act); the "
+        "signatures' distributions in good and poor responders." + html.escape(drawn)) +
+        "<h3>ROC curves</h3>" + fig_block("roc", "ROC curves with pointwise 95% bands") +
+        "<h3>Calibration curves</h3>" + fig_block("calibration", "Calibration (marker area ~ patients per bin)") +
+        "<h3>Decision curves</h3>" + fig_block("decision", "Decision curves") +
+        "<h3>Signature distributions</h3>" +
+        fig_block("signatures", "Signature distributions by response (from pooled histograms)")))
+
+    sections.append(_section("per_site", "Per-site view", _explain(
+        "Each model on each site's own held-out patients (external sites: all their patients), to spot a site "
+        "where a model fails; the dashed line is chance.") +
+        (_img(figs["per_site_auc"], "AUC with 95% CI per site") if "per_site_auc" in figs
+         else _na(fig_why.get("per_site", "no per-site AUC"))) +
+        _table(t("per_site"), {"model": "Model", "site": "Site", "role": "Role", "split": "Split", "n_pos": "good",
+                               "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low", "auc_hi": "95% CI high",
+                               "accuracy": "Accuracy", "sensitivity": "Sensitivity", "specificity": "Specificity",
+                               "f1": "F1"},
+               {"model": "text", "site": "text", "role": "text", "split": "text", "n_pos": "int", "n_neg": "int"},
+               why=inp.why("per_site"), note=True)))
+
+    fm = t("fusion_models")
+    fcols = {"model": "Model", "inputs": "Inputs", "C": "C", "gamma": "gamma", "n_components": "RFF components",
+             "cv_auc": "CV AUC", "platt_a": "Platt A", "platt_b": "Platt B", "rounds": "Rounds",
+             "bytes_per_site": "Bytes per site"}
+    fkinds = {"model": "text", "inputs": "text", "C": "g", "gamma": "g", "n_components": "int", "rounds": "int",
+              "bytes_per_site": "int"}
+    ref_note = ""
+    if fm is not None:
+        fm = fm.copy()
+        if "inputs" in fm:
+            fm["inputs"] = fm["inputs"].map(lambda s: s if _missing(s) else str(s).replace(";", ", "))
+        refs = [c for c in fm.columns if c.startswith("ref_")]
+        if refs and fm[refs].notna().any().any():
+            for c in refs:
+                fcols[c] = {"ref_C": "ref C", "ref_gamma": "ref gamma", "ref_cv_auc": "ref CV AUC"}.get(
+                    c, "ref AUC " + _label(c[len("ref_auc_"):]) if c.startswith("ref_auc_") else c)
+            fkinds.update({"ref_C": "g", "ref_gamma": "g"})
+            ref_note = (" Columns <i>ref</i>: scikit-learn's SVC fitted on the pooled rows (simulation only), the "
+                        "reference the federated fit should approach.")
+        else:
+            ref_note = " Pooled reference: not available (not run; a deployment never pools rows)."
+    shap_figs = "".join(_img(p, f"{k[5:]}: mean |SHAP| per input over the training cohort, summed at the sites")
                         for k, p in figs.items() if k.startswith("shap_"))
-    sections.append("<h2>Fusion models</h2><p class=\"explain\">C and gamma chosen by federated 5-fold "
-                    "cross-validation (AUC of out-of-fold decision values); Platt scaling A, B; rounds of messages. "
-                    "ref_* columns: scikit-learn's SVC on the pooled rows (simulation only).</p>" +
-                    _table(t["fusion_models"], {"model": "Model", "inputs": "Inputs", "C": "C", "gamma": "gamma",
-                                                "cv_auc": "CV AUC", "platt_a": "Platt A", "platt_b": "Platt B",
-                                                "rounds": "rounds", "ref_C": "ref C", "ref_gamma": "ref gamma",
-                                                "ref_cv_auc": "ref CV AUC", "ref_auc_internal_test": "ref AUC test",
-                                                "ref_auc_external": "ref AUC external"}, {"rounds": "int"}) +
-                    "<h4>Global SHAP importance</h4>" + (shap_figs or '<p class="na">not available</p>'))
-    sections.append("<h2>Deep-learning signatures</h2><p class=\"explain\">AUC (DeLong 95% CI) of each "
-                    "backbone's output alone, per site and pooled.</p>" +
-                    _table(t["signature_auc"], {"backbone": "Signature", "site": "Site", "split": "Split",
-                                                "n_pos": "good", "n_neg": "poor", "auc": "AUC", "lo": "95% CI low",
-                                                "hi": "95% CI high"}, {"n_pos": "int", "n_neg": "int"}))
-    sup = t["suppressions"]
-    sections.append("<h2>Disclosure control</h2><p class=\"explain\">Every number withheld or coarsened, by "
-                    "which site and why. A withheld number is never replaced by a guess.</p>" +
-                    (_table(sup, {"quantity": "Quantity", "site": "Site", "reason": "Reason"})
-                     if sup is not None and len(sup) else "<p>Nothing was suppressed.</p>"))
+    sections.append(_section("fusion", "Fusion models", _explain(
+        "Hyper-parameters chosen by federated 5-fold cross-validation (C, RBF gamma; CV AUC of out-of-fold decision "
+        "values), random-Fourier-feature dimension, federated Platt scaling (A, B), message rounds and bytes each "
+        "site sent." + ref_note) + _table(fm, fcols, fkinds, why=inp.why("fusion_models"), note=True) +
+        "<h3>Global SHAP importance</h3>" + _explain(
+            "Mean absolute SHAP value of each input on the predicted probability: how much the model leans on it.") +
+        (shap_figs or _na(fig_why.get("shap", "no SHAP values")))))
+
+    sections.append(_section("signatures", "Deep-learning signatures", _explain(
+        "AUC (DeLong 95% CI) of each backbone's output alone, per site and pooled; bound: the certified largest "
+        "difference from the AUC of the raw scores caused by the shared histogram grid.") + _table(
+        t("signature_auc"), {"backbone": "Signature", "site": "Site", "split": "Split", "n_pos": "good",
+                             "n_neg": "poor", "auc": "AUC", "lo": "95% CI low", "hi": "95% CI high",
+                             "bound": "bound"},
+        {"backbone": "text", "site": "text", "split": "text", "n_pos": "int", "n_neg": "int", "bound": "g"},
+        why=inp.why("signature_auc"), note=True)))
+
+    sections.append(_section("disclosure", "Disclosure control", _explain(
+        "Every number withheld or coarsened, by which site and why. A withheld number is never replaced by a "
+        "guess.") + _disclosure(inp)))
+
     title = f"rectalfl report: {meta.get('name') or run_dir.name}"
-    doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class=\"small\">Generated "
-           f"{datetime.now(UTC).isoformat(timespec='seconds')} by <code>rectalfl report</code>. Tables as CSV in "
-           f"<code>tables/</code>, figures as PNG in <code>figures/</code>.</p>{''.join(sections)}</body></html>")
+    doc = PAGE.substitute(
+        title=html.escape(title), css=CSS, generated=datetime.now(UTC).isoformat(timespec="seconds"),
+        header=_header(meta, run_dir),
+        nav="".join(f'<a href="#{sid}">{html.escape(tt.split(".")[0] if tt.startswith("Table") else tt)}</a>'
+                    for sid, tt, _ in sections),
+        sections="\n".join(s for _, _, s in sections))
     path = run_dir / "report.html"
     path.write_text(doc, encoding="utf-8")
     return path
