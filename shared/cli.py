@@ -380,6 +380,7 @@ def simulate(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (printed at the end of every run).")],
+    open_: Annotated[bool, typer.Option("--open/--no-open", help="Open report.html in the default browser.")] = False,
 ) -> None:
     """(Re)build a run's report: figures/*.png and a self-contained report.html from its tables."""
     from server.report import ReportError, build_report
@@ -390,6 +391,11 @@ def report(
     except ReportError as exc:
         _fail(str(exc))
     out.print(f"report: {path}  (tables in {run_dir / 'tables'}, figures in {run_dir / 'figures'})")
+    if open_:
+        import webbrowser
+
+        if not webbrowser.open(path.resolve().as_uri()):
+            console.print(f"[yellow]no browser found[/]: open {path} yourself")
 
 
 def _register_deploy() -> None:
