@@ -140,11 +140,18 @@ def superlink_command(certs_dir: Path, address: str, database: Path | None = Non
 
 
 def start_superlink(certs_dir: Path, address: str, flwr_home: Path, log: Path, *, connection: str = "rectalfl",
-                    timeout: float = 60.0) -> subprocess.Popen:
-    """Start flower-superlink in the background (output to ``log``) and write the CLI connection."""
+                    database: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
+    """Start flower-superlink in the background (output to ``log``) and write the CLI connection.
+
+    Its state (registered site keys, runs) goes to ``database`` (default ``<flwr_home>/superlink.db``)
+    so a restarted SuperLink knows the sites' keys; ``:memory:`` keeps it in memory.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
+    Path(flwr_home).mkdir(parents=True, exist_ok=True)
+    db = Path(flwr_home) / "superlink.db" if database is None else Path(database)
+    db_arg = None if str(db) == ":memory:" else db.resolve()
     fh = open(log, "ab")  # noqa: SIM115 - the child keeps writing after we return
-    proc = subprocess.Popen(superlink_command(certs_dir, address), stdout=fh, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(superlink_command(certs_dir, address, db_arg), stdout=fh, stderr=subprocess.STDOUT,
                             env=flwr_env(flwr_home), start_new_session=True)
     host, port = split_address(address)
     local = f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else address  # the operator's CLI runs here
@@ -207,27 +214,47 @@ def submit_run(config_path: Path, flwr_home: Path, *, connection: str = "rectalf
     if not m:
         raise DeployError(f"`flwr run` did not report a run id: {res.stdout[-800:]}")
     run_id = m.group(1)
+    return wait_run(run_id, flwr_home, connection=connection, stream=stream, timeout=timeout)
+
+
+def wait_run(run_id: str, flwr_home: Path, *, connection: str = "rectalfl", stream: IO[str] | None = None,
+             timeout: float | None = None, poll_s: float = 30.0) -> dict[str, Any]:
+    """Follow ``flwr log RUN --stream`` (which ends when the run finishes) and return ``flwr ls``'s record.
+
+    ``flwr ls`` (a CLI start, ~1 s of CPU) runs when the log stream ends and every ``poll_s`` seconds
+    as a fallback, every 5 s once the stream is gone (e.g. the SuperLink went down).
+    """
     deadline = None if timeout is None else time.time() + timeout
-    logs = None
-    if stream is not None:
-        logs = subprocess.Popen([tool("flwr"), "log", run_id, connection, "--stream"], env=flwr_env(flwr_home),
-                                stdout=stream, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    unknown = 0
+    logs: subprocess.Popen | None = subprocess.Popen(
+        [tool("flwr"), "log", str(run_id), connection, "--stream"], env=flwr_env(flwr_home),
+        stdout=stream if stream is not None else subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL)
+    unknown, last = 0, time.time()
     try:
         while True:
-            info = run_status(run_id, flwr_home, connection)
-            if str(info.get("status", "")).startswith("finished"):
-                return info
-            unknown = unknown + 1 if info.get("status") == "unknown" else 0
-            if unknown >= 5:
-                raise DeployError(f"run {run_id} is no longer known to the SuperLink (was it restarted?); the run "
-                                  "directory keeps every completed round: continue with `rectalfl run --resume RUN_DIR`")
+            ended = logs is not None and logs.poll() is not None
+            if ended:
+                logs = None
+            if ended or time.time() - last >= (poll_s if logs is not None else 5.0):
+                last = time.time()
+                info = run_status(run_id, flwr_home, connection)
+                if str(info.get("status", "")).startswith("finished"):
+                    return info
+                unknown = unknown + 1 if info.get("status") == "unknown" else 0
+                if unknown >= 5:
+                    raise DeployError(f"run {run_id} is no longer known to the SuperLink (was it restarted?); the "
+                                      "run directory keeps every completed round: continue with `rectalfl run "
+                                      "--resume RUN_DIR`")
             if deadline is not None and time.time() > deadline:
-                raise DeployError(f"run {run_id} still {info.get('status')} after {timeout:.0f} s")
-            time.sleep(2.0)
+                raise DeployError(f"run {run_id} not finished after {timeout:.0f} s")
+            time.sleep(0.5)
     finally:
         if logs is not None:
             logs.terminate()
+            try:
+                logs.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                logs.kill()
 
 
 def run_status(run_id: str, flwr_home: Path, connection: str = "rectalfl") -> dict[str, Any]:

@@ -82,7 +82,8 @@ def server_start(
     d = cfg.deploy
     log = log or (d.flwr_home / "superlink.log")
     try:
-        proc = start_superlink(d.certs_dir, d.superlink, d.flwr_home, log, connection=d.connection)
+        proc = start_superlink(d.certs_dir, d.superlink, d.flwr_home, log, connection=d.connection,
+                               database=d.database)
     except (DeployError, CertError) as exc:
         cli._fail(str(exc))
     try:

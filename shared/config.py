@@ -248,6 +248,9 @@ class DeployConfig(_Section):
     """Site: local port of this SuperNode's runtime API (unique per SuperNode on one machine)."""
     flwr_home: Path = Path(".flwr")
     """Operator: Flower CLI home holding the SuperLink connection (config.toml)."""
+    database: Path | None = None
+    """Operator: the SuperLink's state file (registered site keys, runs), so they survive a restart;
+    default <flwr_home>/superlink.db. ``:memory:`` keeps the state in memory only."""
     connection: str = Field("rectalfl", pattern=r"^[A-Za-z0-9_-]+$")
     """Operator: name of the SuperLink connection in flwr_home/config.toml."""
 
