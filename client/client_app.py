@@ -40,11 +40,15 @@ from client.site_table import SiteTables
 from shared.config import parse_config
 from shared.queries import answer_queries
 from shared.records import (
+    LAYOUT_KEY,
     arrays_to_record,
+    flatten_states,
+    message_arrays,
+    pack_arrays,
     pack_json,
     record_to_arrays,
-    record_to_states,
     states_to_record,
+    unflatten_states,
     unpack_json,
 )
 
@@ -158,14 +162,16 @@ def _describe(algo: Any, msg: Message) -> RecordDict:
 
 def _train(algo: Any, msg: Message) -> RecordDict:
     conf = msg.content["config"]
-    states = record_to_states(msg.content["arrays"])
+    states = unflatten_states(message_arrays(msg.content))
     res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)))
     metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
-    return RecordDict({"arrays": states_to_record(res.states), "metrics": metrics})
+    layout = conf.get(LAYOUT_KEY)  # weights packed by the server: reply in the same layout
+    arrays = pack_arrays(flatten_states(res.states), str(layout))[0] if layout else states_to_record(res.states)
+    return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
 def _signatures(algo: Any, msg: Message) -> RecordDict:
-    states = record_to_states(msg.content["arrays"])
+    states = unflatten_states(message_arrays(msg.content))
     table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)))
     return RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))})})
 

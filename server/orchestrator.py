@@ -22,7 +22,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from shared.config import RectalFLConfig
-from shared.records import arrays_to_record, pack_json, record_to_arrays, states_to_record, unpack_json
+from shared.records import (
+    LAYOUT_KEY,
+    arrays_to_record,
+    pack_arrays,
+    pack_json,
+    record_to_arrays,
+    states_to_record,
+    unpack_arrays,
+    unpack_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,15 +246,17 @@ class Orchestrator:
                 t0 = time.perf_counter()
                 if self.refresh_nodes(rnd):
                     view = _SubsetGrid(self.grid, [n.node_id for n in self.train_nodes])
-                conf = self._config(**({"proximal-mu": self.cfg.federation.proximal_mu}
-                                       if self.cfg.federation.strategy == "fedprox" else {}))
-                messages = list(strategy.configure_train(rnd, arrays, conf, view))  # type: ignore[arg-type]
+                # weights travel packed (one array per dtype): Flower moves each Array as its own request
+                packed, layout = pack_arrays(record_to_arrays(arrays))
+                conf = self._config(**{LAYOUT_KEY: layout}, **({"proximal-mu": self.cfg.federation.proximal_mu}
+                                                               if self.cfg.federation.strategy == "fedprox" else {}))
+                messages = list(strategy.configure_train(rnd, packed, conf, view))  # type: ignore[arg-type]
                 sent = [m.metadata.dst_node_id for m in messages]
                 self.store.start_round(self.run_id, "train", rnd, n_sent=len(sent))
                 bytes_down = sum(m.content["arrays"].count_bytes() for m in messages)
                 replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
                 ok = self._record_failures("train", rnd, sent, replies)
-                ok = self.screen_updates(rnd, ok, arrays)
+                ok = self.screen_updates(rnd, ok, arrays, layout=layout)
                 if len(ok) < min_sites:
                     self.store.finish_round(self.run_id, "train", rnd, n_replied=len(ok),
                                             n_failed=len(sent) - len(ok), status="failed",
@@ -258,7 +269,7 @@ class Orchestrator:
                 new_arrays, _ = strategy.aggregate_train(rnd, ok)
                 if new_arrays is None:
                     raise FederationError(f"round {rnd}: the strategy produced no model")
-                arrays = cast_like(new_arrays, initial)
+                arrays = cast_like(arrays_to_record(unpack_arrays(new_arrays, layout)), initial)
                 bytes_up = sum(m.content["arrays"].count_bytes() for m in ok)
                 losses = []
                 for m in ok:
@@ -276,14 +287,20 @@ class Orchestrator:
                             len(ok), float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
         return arrays
 
-    def screen_updates(self, rnd: int, replies: list[Message], current: ArrayRecord) -> list[Message]:
-        """Reject replies with non-finite weights or an update norm far outside the others' (recorded)."""
+    def screen_updates(self, rnd: int, replies: list[Message], current: ArrayRecord, *,
+                       layout: str | None = None) -> list[Message]:
+        """Reject replies with non-finite weights, missing arrays or an update norm far outside the others'
+        (recorded). ``layout``: the replies are packed (see :func:`shared.records.pack_arrays`)."""
         ref = record_to_arrays(current)
         norms: dict[int, float] = {}
         kept = []
         for i, m in enumerate(replies):
             site = str(m.content["site"]["name"]) if "site" in m.content else self._site_of(m.metadata.src_node_id)
-            new = record_to_arrays(m.content["arrays"])
+            try:
+                new = unpack_arrays(m.content["arrays"], layout) if layout else record_to_arrays(m.content["arrays"])
+            except ValueError as exc:
+                self._reject(rnd, site, f"malformed weights ({exc})")
+                continue
             bad = [k for k, v in new.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
             missing = sorted(set(ref) - set(new))
             if bad or missing:
@@ -331,8 +348,10 @@ class Orchestrator:
         out: dict[str, int] = {}
         with self.store.stage(self.run_id, "signatures"):
             msgs = []
+            packed, layout = pack_arrays(record_to_arrays(arrays))
             for n in self.nodes:
-                content = RecordDict({"arrays": arrays, "config": self._config(external=n.role == "external")})
+                content = RecordDict({"arrays": packed, "config": self._config(external=n.role == "external",
+                                                                               **{LAYOUT_KEY: layout})})
                 msgs.append(Message(content=content, message_type="evaluate.signatures", dst_node_id=n.node_id))
             replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
             ok = self._record_failures("signatures", None, ids, replies)

@@ -79,6 +79,63 @@ def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in arrays.items()))
 
 
+PACKED = "packed"
+LAYOUT_KEY = "array-layout"
+
+
+def pack_arrays(arrays: dict[str, np.ndarray], layout: str | None = None) -> tuple[ArrayRecord, str]:
+    """Weights on the wire as ONE flat array per dtype, plus their layout (a JSON string for a ConfigRecord).
+
+    Flower's Deployment Engine moves every ``Array`` of a message as its own object (an HTTPS request,
+    two at a time), so a model of a few hundred tensors costs hundreds of requests per message; packed,
+    it costs one or two. Element-wise aggregation (FedAvg, FedProx, FedAdam) is unchanged by packing.
+    With ``layout`` (the server's), the arrays must be exactly those it describes, in its order.
+    """
+    if layout is None:
+        spec = [[k, np.asarray(v).dtype.str, list(np.shape(v))] for k, v in arrays.items()]
+    else:
+        spec = unpack_json(layout)
+        names = [name for name, _, _ in spec]
+        if set(names) != set(arrays):
+            extra, missing = sorted(set(arrays) - set(names)), sorted(set(names) - set(arrays))
+            raise ValueError(f"arrays do not match the server's layout: extra {extra[:3]}, missing {missing[:3]}")
+    groups: OrderedDict[str, list[np.ndarray]] = OrderedDict()
+    for name, dt, shape in spec:
+        a = np.asarray(arrays[name])
+        if list(a.shape) != list(shape):
+            raise ValueError(f"array {name!r} has shape {a.shape}, the server's layout says {tuple(shape)}")
+        groups.setdefault(dt, []).append(a.astype(np.dtype(dt), copy=False).reshape(-1))
+    record = ArrayRecord(OrderedDict((f"{PACKED}{SEP}{dt}", Array(np.concatenate(parts)))
+                                     for dt, parts in groups.items()))
+    return record, layout if layout is not None else pack_json(spec)
+
+
+def unpack_arrays(record: ArrayRecord, layout: str) -> OrderedDict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays`. Slices keep the flat array's dtype (an aggregate may be float64)."""
+    flats = {k.partition(SEP)[2]: v.numpy() for k, v in record.items()}
+    used = dict.fromkeys(flats, 0)
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, dt, shape in unpack_json(layout):
+        if dt not in flats:
+            raise ValueError(f"packed record has no {dt} array (needed for {name!r})")
+        n, start = int(np.prod(shape, dtype=np.int64)), used[dt]
+        if start + n > flats[dt].size:
+            raise ValueError(f"packed {dt} array too short for {name!r}")
+        out[name] = flats[dt][start:start + n].reshape(shape)
+        used[dt] = start + n
+    short = [dt for dt, n in used.items() if n != flats[dt].size]
+    if short:
+        raise ValueError(f"packed {short[0]} array longer than its layout")
+    return out
+
+
+def message_arrays(content: Any) -> OrderedDict[str, np.ndarray]:
+    """The named arrays of a message's ``arrays`` record, packed (``config[array-layout]``) or not."""
+    conf = content["config"] if "config" in content else None
+    layout = conf.get(LAYOUT_KEY) if conf is not None else None
+    return unpack_arrays(content["arrays"], str(layout)) if layout else record_to_arrays(content["arrays"])
+
+
 def pack_json(obj: Any) -> str:
     """Structured payloads (small dicts/lists) travel as one JSON string in a ConfigRecord."""
     return json.dumps(obj, sort_keys=True, allow_nan=False, default=_default)

@@ -199,3 +199,45 @@ def test_a_site_that_reconnects_under_a_new_node_id_is_mapped_back(tmp_path, run
     assert rejoined["site"].tolist() == ["site_b"] and rejoined["round"].tolist() == [3]
     assert "node 99" in rejoined["message"].iloc[0]
     store.close()
+
+
+# ------------------------------------------------------------------ packed weights on the wire
+def test_packed_weights_round_trip_and_aggregate_like_unpacked(run_identity):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    from shared.records import arrays_to_record, pack_arrays, record_to_arrays, unpack_arrays
+
+    rng = np.random.default_rng(1)
+    shapes = {"pre_t2w/w": (4, 3), "pre_t2w/b": (3,), "pre_t2w/idx": (2,), "post_dwi/w": (5,)}
+    sites = []
+    for _ in range(3):
+        arrs = {k: (rng.integers(0, 9, s) if k.endswith("idx") else rng.normal(size=s).astype(np.float32))
+                for k, s in shapes.items()}
+        sites.append(arrs)
+    rec, layout = pack_arrays(sites[0])
+    assert len(rec) == 2  # one flat array per dtype (float32, int64), whatever the number of tensors
+    back = unpack_arrays(rec, layout)
+    assert list(back) == list(shapes) and all(np.array_equal(back[k], sites[0][k]) for k in shapes)
+    # a reply packed in the server's layout, whatever its own key order
+    rec_b, same = pack_arrays(dict(reversed(list(sites[1].items()))), layout)
+    assert same == layout and np.array_equal(unpack_arrays(rec_b, layout)["pre_t2w/w"], sites[1]["pre_t2w/w"])
+    with pytest.raises(ValueError, match="layout"):
+        pack_arrays({k: v for k, v in sites[1].items() if k != "pre_t2w/b"}, layout)
+    with pytest.raises(ValueError, match="shape"):
+        pack_arrays({**sites[1], "post_dwi/w": np.zeros(6, np.float32)}, layout)
+
+    def replies(packed: bool) -> list[Message]:
+        out = []
+        for i, arrs in enumerate(sites):
+            r = pack_arrays(arrs, layout)[0] if packed else arrays_to_record(arrs)
+            out.append(Message(RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": 3 + 4 * i}),
+                                           "site": ConfigRecord({"name": f"s{i}"})}), dst_node_id=1,
+                               message_type="train"))
+        return out
+
+    agg_plain, _ = FedAvg(weighted_by_key="num-examples").aggregate_train(1, replies(False))
+    agg_packed, _ = FedAvg(weighted_by_key="num-examples").aggregate_train(1, replies(True))
+    plain, packed = record_to_arrays(agg_plain), unpack_arrays(agg_packed, layout)
+    for k in shapes:  # element-wise averaging: bit-identical
+        assert np.array_equal(plain[k], packed[k]), k
