@@ -16,11 +16,9 @@ Everything is deterministic given the seed on CPU: the seed of a local update is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,28 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import RectalFLConfig, TrainConfig
-from shared.models import build_model
+from shared.config import TrainConfig
+from shared.models import (  # noqa: F401 - re-exported: the site's training code uses these names
+    build_model,
+    initial_states,
+    models_from_states,
+    signature_keys,
+    stable_seed,
+    training_seed,
+)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-def signature_keys(cfg: RectalFLConfig) -> list[str]:
-    """The backbones a run trains: every configured timepoint x sequence, e.g. ``pre_t2w``."""
-    return [f"{tp}_{seq}" for tp in cfg.data.timepoints for seq in cfg.data.sequences]
 
 
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
-    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def training_seed(cfg: RectalFLConfig) -> int:
-    """``train.seed`` if set, else the run's ``seed``."""
-    return cfg.train.seed if cfg.train.seed is not None else cfg.seed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -311,30 +306,3 @@ def mean_loss(model: nn.Module, data: SliceSet, device: torch.device | None = No
     p = np.clip(predict(model, data, device=device), 1e-7, 1 - 1e-7)
     y = data.y.astype(np.float64)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
-# --------------------------------------------------------------------------- multi-backbone helpers
-
-
-def initial_states(cfg: RectalFLConfig) -> dict[str, OrderedDict[str, torch.Tensor]]:
-    """The same seeded initial weights for every backbone, on any machine."""
-    return {
-        key: OrderedDict(build_model(cfg.train.backbone, cfg.preprocess.slice_size,
-                                     seed=stable_seed(training_seed(cfg), "init", key)).state_dict())
-        for key in signature_keys(cfg)
-    }
-
-
-def models_from_states(cfg: RectalFLConfig, states: dict[str, OrderedDict[str, torch.Tensor]]) -> dict[str, nn.Module]:
-    from shared.records import is_local_only
-
-    models = {}
-    for key, sd in states.items():
-        m = build_model(cfg.train.backbone, cfg.preprocess.slice_size)
-        missing, unexpected = m.load_state_dict(sd, strict=False)
-        bad = [k for k in missing if not is_local_only(k)] + list(unexpected)
-        if bad:
-            raise ValueError(f"weights for {key} do not fit network {cfg.train.backbone!r}: "
-                             f"missing/unexpected {bad[:5]}{'...' if len(bad) > 5 else ''}")
-        models[key] = m
-    return models

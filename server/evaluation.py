@@ -64,7 +64,7 @@ def queries_to_table(queries: list[Query]) -> pd.DataFrame:
 
 def evaluate_signatures(transport: Transport, cfg: RectalFLConfig, roles: dict[str, str]) -> pd.DataFrame:
     """Run the AUC queries through ``transport`` and return the signature AUC table."""
-    from client.train import signature_keys
+    from shared.models import signature_keys
 
     queries = signature_auc_queries(signature_keys(cfg), roles, cfg.privacy.min_cell_count)
     run_queries(queries, transport)

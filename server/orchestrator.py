@@ -403,6 +403,6 @@ def load_checkpoint(path: Path) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
 
 
 def initial_record(cfg: RectalFLConfig) -> ArrayRecord:
-    from client.train import initial_states
+    from shared.models import initial_states
 
     return states_to_record(initial_states(cfg))

@@ -14,13 +14,17 @@ architectures at a fraction of the width, for CPU demos and tests.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from monai.networks import nets
 from torch import nn
+
+from shared.config import RectalFLConfig
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +134,47 @@ def build_model(name: str, slice_size: int = 64, *, seed: int | None = None) -> 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- what both sides know about a run's networks
+
+
+def signature_keys(cfg: RectalFLConfig) -> list[str]:
+    """The backbones a run trains: every configured timepoint x sequence, e.g. ``pre_t2w``."""
+    return [f"{tp}_{seq}" for tp in cfg.data.timepoints for seq in cfg.data.sequences]
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    digest = hashlib.sha256("|".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def training_seed(cfg: RectalFLConfig) -> int:
+    """``train.seed`` if set, else the run's ``seed``."""
+    return cfg.train.seed if cfg.train.seed is not None else cfg.seed
+
+
+def initial_states(cfg: RectalFLConfig) -> dict[str, OrderedDict[str, torch.Tensor]]:
+    """The same seeded initial weights for every backbone, on any machine (server and sites agree)."""
+    return {
+        key: OrderedDict(build_model(cfg.train.backbone, cfg.preprocess.slice_size,
+                                     seed=stable_seed(training_seed(cfg), "init", key)).state_dict())
+        for key in signature_keys(cfg)
+    }
+
+
+def models_from_states(cfg: RectalFLConfig, states: dict[str, OrderedDict[str, torch.Tensor]]) -> dict[str, nn.Module]:
+    """One network per backbone key, loaded with ``states`` (site-local buffers may be absent)."""
+    from shared.records import is_local_only
+
+    models = {}
+    for key, sd in states.items():
+        m = build_model(cfg.train.backbone, cfg.preprocess.slice_size)
+        missing, unexpected = m.load_state_dict(sd, strict=False)
+        bad = [k for k in missing if not is_local_only(k)] + list(unexpected)
+        if bad:
+            raise ValueError(f"weights for {key} do not fit network {cfg.train.backbone!r}: "
+                             f"missing/unexpected {bad[:5]}{'...' if len(bad) > 5 else ''}")
+        models[key] = m
+    return models
