@@ -17,6 +17,7 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ import pandas as pd
 from shared.config import RectalFLConfig, load_config
 
 logger = logging.getLogger(__name__)
+
+ReferenceFactory = Callable[[RectalFLConfig, dict[str, str]], Callable[..., dict[str, Any]]]
+"""``(cfg, roles) -> reference(spec)``: the simulation-only pooled yardstick of each fusion model."""
 
 
 def new_run_dir(cfg: RectalFLConfig, root: Path | None = None) -> Path:
@@ -79,8 +83,14 @@ def prepare_run_dir(cfg: RectalFLConfig, run_dir: Path, *, resume: bool) -> Rect
 
 
 def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, sim_sites: list[dict] | None,
-                 external_sites: set[str], resume: bool = False, expected_sites: int | None = None) -> pd.DataFrame:
-    """Run (or resume) the federated pipeline on ``grid`` and return the signature AUC table."""
+                 external_sites: set[str], resume: bool = False, expected_sites: int | None = None,
+                 reference: ReferenceFactory | None = None) -> pd.DataFrame:
+    """Run (or resume) the federated pipeline on ``grid`` and return the signature AUC table.
+
+    ``reference`` (simulation only, from :mod:`simulations.reference`) builds the pooled
+    scikit-learn yardstick of the fusion models from the simulated sites' rows; the operator's
+    server never has it.
+    """
     from server.evaluation import evaluate_signatures
     from server.orchestrator import Orchestrator, initial_record, load_checkpoint
     from server.store import RunStore
@@ -119,7 +129,8 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
                     store.log_metric(run_id, "evaluate", row.site, f"{row.backbone}/auc", float(row.auc),
                                      split=row.split, n=int(row.n_pos + row.n_neg))
         if cfg.fusion.enabled:
-            run_fusion_analysis(orch, cfg, run_dir, store, run_id, sim_sites=sim_sites)
+            run_fusion_analysis(orch, cfg, run_dir, store, run_id,
+                                reference=reference(cfg, orch.roles()) if reference is not None else None)
         store.finish_run(run_id, "completed")
         return table
     except KeyboardInterrupt:
@@ -151,13 +162,13 @@ def fusion_transport(orch: Any) -> Any:
 
 
 def run_fusion_analysis(orch: Any, cfg: RectalFLConfig, run_dir: Path, store: Any, run_id: str, *,
-                        sim_sites: list[dict] | None) -> None:
+                        reference: Callable[..., dict[str, Any]] | None = None) -> None:
     """Fusion models, tables and curve data (``server.analysis``), then the HTML report."""
-    from server.analysis import pooled_reference, run_analysis
+    from server.analysis import run_analysis
 
     roles = orch.roles()
     with store.stage(run_id, "analysis"):
-        ref = pooled_reference(cfg, sim_sites, roles) if sim_sites and cfg.fusion.pooled_reference else None
+        ref = reference if cfg.fusion.pooled_reference else None
         res = run_analysis(orch.stats_transport, fusion_transport(orch), cfg, roles, run_dir, reference=ref)
         for name in res.tables:
             store.add_artefact(run_id, "table", run_dir / "tables" / f"{name}.csv", run_dir)
@@ -189,7 +200,7 @@ def save_final_model(cfg: RectalFLConfig, run_dir: Path, arrays: Any, store: Any
                      seconds: float) -> Path:
     import numpy as np
 
-    from client.train import signature_keys
+    from shared.models import signature_keys
     from shared.records import record_to_arrays
 
     mdir = run_dir / "models"

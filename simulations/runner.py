@@ -1,4 +1,4 @@
-"""``rectalfl simulate``: a whole consortium on one machine.
+"""``rectalfl simulate``: a whole consortium on one machine (simulation only: it runs both sides).
 
 1. creates (or reuses) the synthetic cohort and preprocesses every site into its own cache, as
    each hospital would on its own box;
@@ -63,6 +63,8 @@ def run_simulation(cfg: RectalFLConfig, *, run_dir: Path | None = None, resume: 
     seconds = time.perf_counter() - t0
     logger.info("%s run finished in %.1f s: %s", cfg.federation.mode, seconds, run_dir)
     if console is not None:
+        from server.summary import print_summary
+
         print_summary(run_dir, console, seconds)
     return run_dir
 
@@ -75,6 +77,7 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
 
     from client.client_app import app as client_app
     from server.pipeline import run_pipeline
+    from simulations.reference import reference_factory
 
     failure: dict[str, BaseException] = {}
     server_app = ServerApp()
@@ -83,7 +86,7 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
     def _main(grid: Grid, context: Context) -> None:
         try:
             run_pipeline(grid, cfg, run_dir, engine="simulation", sim_sites=sites, external_sites=external,
-                         resume=resume)
+                         resume=resume, reference=reference_factory(sites))
         except BaseException as exc:  # surfaced after the simulation engine shuts down
             failure["error"] = exc
             raise
@@ -109,17 +112,11 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
 def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external: set[str]) -> pd.DataFrame:
     """``pooled`` or ``local``: same training and evaluation code, no federation."""
     from client.algorithm import SiteAlgorithm
-    from client.train import (
-        SliceSet,
-        initial_states,
-        models_from_states,
-        stable_seed,
-        train_backbone,
-        training_seed,
-    )
+    from client.train import SliceSet, train_backbone
     from server.evaluation import evaluate_signatures
     from server.pipeline import prepare_run_dir, save_final_model, write_table
     from server.store import RunStore
+    from shared.models import initial_states, models_from_states, stable_seed, training_seed
     from shared.queries import local_transport
     from shared.records import states_to_record
 
@@ -160,51 +157,3 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
         write_table(table, run_dir / "tables" / "signature_auc.csv", store, run_id, run_dir)
         store.finish_run(run_id, "completed")
     return table
-
-
-# --------------------------------------------------------------------------- summary
-
-
-def print_summary(run_dir: Path, console: Any, seconds: float | None = None) -> None:
-    """Per-backbone AUC on each site's test split and on the external sites, as a rich table."""
-    from rich.table import Table
-
-    path = run_dir / "tables" / "signature_auc.csv"
-    if not path.is_file():
-        console.print(f"[yellow]no signature table in {run_dir}[/]")
-        return
-    df = pd.read_csv(path)
-    df = df[df["split"].isin(["test", "external"])]
-    if "model" not in df:
-        df.insert(0, "model", "federated")
-    for model, g in df.groupby("model", sort=False):
-        piv = g.pivot_table(index="backbone", columns="site", values="auc", aggfunc="first", sort=False,
-                             dropna=False)
-        title = f"AUC of each signature ({model}) - test split per site, external site(s), pooled"
-        table = Table(title=title)
-        table.add_column("backbone")
-        for col in piv.columns:
-            table.add_column(str(col), justify="right")
-        for backbone, row in piv.iterrows():
-            table.add_row(str(backbone), *("-" if pd.isna(v) else f"{v:.3f}" for v in row.values))
-        console.print(table)
-    perf = run_dir / "tables" / "table3_performance.csv"
-    if perf.is_file():
-        p = pd.read_csv(perf)
-        table = Table(title="Fusion models - AUC [95% CI] per cohort (Table 3 of the report)")
-        cohorts = list(dict.fromkeys(p["cohort"]))
-        table.add_column("model")
-        for c in cohorts:
-            table.add_column(c, justify="right")
-        for model, g in p.groupby("model", sort=False):
-            g = g.set_index("cohort")
-            table.add_row(model, *("-" if pd.isna(g.loc[c, "auc"]) else
-                                   f"{g.loc[c, 'auc']:.3f} [{g.loc[c, 'auc_lo']:.2f}-{g.loc[c, 'auc_hi']:.2f}]"
-                                   for c in cohorts))
-        console.print(table)
-    if (run_dir / "report.html").is_file():
-        console.print(f"report: {run_dir / 'report.html'}")
-    if seconds is not None:
-        console.print(f"run directory: {run_dir}  ({seconds:.0f} s)")
-    else:
-        console.print(f"run directory: {run_dir}")

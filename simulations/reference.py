@@ -1,0 +1,113 @@
+"""Simulation-only references that read every simulated site's data in one process.
+
+Only a simulation may do this: the simulated hospitals share this machine. Nothing here runs in a
+real consortium.
+
+- :func:`pooled_reference`: scikit-learn's ``SVC`` (+ Platt) on the pooled training-cohort rows of
+  every site, the yardstick the federated fusion SVM is compared with (``ref_*`` columns);
+- :class:`InProcessSites`: sites held in this process, answering the server's fusion-analysis
+  queries with the same site-side code as the ClientApp, without Flower (tests, baselines).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from client.site_table import apply_fusion, build_site_table, encode_clinical, read_scores
+from server.analysis import COHORT_SPLITS, EXTERNAL, INTERNAL, TRAINING, FusionSpec, cohorts
+from shared.cohort import load_patients
+from shared.config import RectalFLConfig
+from shared.fusion import PooledSVC, SVMModel
+from shared.queries import answer_queries
+
+logger = logging.getLogger(__name__)
+
+
+def pooled_reference(cfg: RectalFLConfig, sim_sites: list[dict], roles: Mapping[str, str]
+                     ) -> Callable[[FusionSpec], dict[str, Any]]:
+    """Simulation only: scikit-learn's ``SVC`` on the pooled training-cohort rows of every site.
+
+    This reads each simulated site's table directly (possible only because the simulated sites
+    share this machine); it is the yardstick for the federated fit and never runs in deployment.
+    """
+    from sklearn.metrics import roc_auc_score
+
+
+    tables = {}
+    for s in sim_sites:
+        path = Path(s["cache_dir"]) / "signatures.csv"
+        if s["name"] not in roles:
+            continue
+        if not path.is_file():
+            logger.warning("pooled reference skipped: %s has no signatures (%s)", s["name"], path)
+            return lambda spec: {}
+        sig = pd.read_csv(path, dtype={"patient_id": str})
+        tables[s["name"]] = build_site_table(sig, encode_clinical(load_patients(s["data_dir"], cfg)), None)
+    groups = cohorts(roles)
+
+    def rows(cohort: str, cols: list[str]) -> pd.DataFrame:
+        parts = [tables[s][tables[s]["split"].isin(COHORT_SPLITS[cohort])] for s in groups.get(cohort, [])]
+        df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["label", *cols])
+        return df.dropna(subset=["label", *cols])
+
+    def fit(spec: FusionSpec) -> dict[str, Any]:
+        tr = rows(TRAINING, spec.inputs)
+        try:
+            ref = PooledSVC(cfg.fusion.C_grid, cfg.fusion.gamma_factors, cfg.split.cv_folds, cfg.seed).fit(
+                tr[spec.inputs].to_numpy(float), tr["label"].to_numpy(int))
+        except ValueError as exc:
+            logger.warning("pooled reference for %s not fitted: %s", spec.name, exc)
+            return {}
+        out: dict[str, Any] = {"C": ref.C_, "gamma": ref.gamma_, "cv_auc": ref.cv_auc_}
+        for c in (INTERNAL, EXTERNAL):
+            te = rows(c, spec.inputs)
+            if len(te) and te["label"].nunique() == 2:
+                out[c] = float(roc_auc_score(te["label"].to_numpy(int),
+                                             ref.predict_proba(te[spec.inputs].to_numpy(float))[:, 1]))
+        return out
+
+    return fit
+
+
+class InProcessSites:
+    """Sites held in this process (tests, baselines): the same site-side code, no Flower.
+
+    Parameters
+    ----------
+    tables : mapping site -> DataFrame
+        Each site's signatures + clinical predictors (``patient_id, split, label, ...``).
+    cache_dirs : mapping site -> Path
+        Where each site keeps its fusion scores and SHAP values.
+    min_count : int
+    """
+
+    def __init__(self, tables: Mapping[str, pd.DataFrame], cache_dirs: Mapping[str, Path], min_count: int):
+        self.base = dict(tables)
+        self.cache_dirs = {s: Path(p) for s, p in cache_dirs.items()}
+        self.min_count = min_count
+
+    def table(self, site: str) -> pd.DataFrame:
+        base = self.base[site]
+        scores = read_scores(self.cache_dirs[site])
+        if scores is None:
+            return base
+        base = base.assign(patient_id=base["patient_id"].astype(str))
+        return base.merge(scores, on="patient_id", how="left", suffixes=("", "_score"))
+
+    def transport(self, payloads: dict[str, dict]) -> dict[str, dict[str, Any]]:
+        return {s: answer_queries(self.table(s), p["spec"], p["values"], site=s, min_count=self.min_count)
+                for s, p in payloads.items() if s in self.base}
+
+    def fusion(self, models: dict[str, SVMModel]) -> dict[str, dict[str, Any]]:
+        return {s: apply_fusion(self.base[s], models, self.cache_dirs[s], min_count=self.min_count, site=s)
+                for s in self.base}
+
+
+def reference_factory(sim_sites: list[dict]) -> Callable[[RectalFLConfig, Mapping[str, str]], Callable[..., dict]]:
+    """``(cfg, roles) -> reference(spec)`` for :func:`server.pipeline.run_pipeline` (simulation only)."""
+    return lambda cfg, roles: pooled_reference(cfg, sim_sites, roles)
