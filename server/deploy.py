@@ -1,105 +1,29 @@
-"""A real consortium on Flower's Deployment Engine: the SuperLink, the sites' SuperNodes and runs.
+"""The operator's side of a real consortium on Flower's Deployment Engine: the SuperLink and runs.
 
 Thin, documented layers over Flower's own processes and CLI, so a Flower user recognises each step:
 
 * operator: ``flower-superlink`` with TLS (``--ssl-*``) and SuperNode authentication
   (``--enable-supernode-auth``), every site key registered with ``flwr supernode register``, and a
   connection in ``$FLWR_HOME/config.toml``; runs go through ``flwr run . <connection>``;
-* hospital: ``flower-supernode --superlink HOST:PORT --root-certificates ca.crt
-  --auth-supernode-private-key site.key --node-config "site-name=... data-dir=... cache-dir=..."``.
-
-Checks before starting anything turn the usual failures into messages that say what to do: an
-unreachable server, a certificate not signed by the consortium CA, a key the SuperLink refuses.
+* hospitals join with ``flower-supernode`` (:mod:`client.join`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import socket
-import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from shared.certs import check_server_files, site_public_keys
+from shared.flower import DeployError, flwr_env, split_address, tool
 
 APP_DIR = Path(__file__).resolve().parents[1]
 """The Flower app (pyproject.toml with [tool.flwr.app]) that `flwr run` ships to the federation."""
-
-
-class DeployError(RuntimeError):
-    """A deployment step failed; the message names what and what to do."""
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise DeployError(f"address {address!r} must be HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def tool(name: str) -> str:
-    """Path of a Flower executable installed next to this Python (the venv), else on PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file():
-        return str(here)
-    found = shutil.which(name)
-    if not found:
-        raise DeployError(f"{name} not found; install rectalfl with `bash scripts/setup.sh` and use .venv/bin/rectalfl")
-    return found
-
-
-def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
-    """Environment for Flower processes: the venv's bin first on PATH (the SuperLink starts
-    ``flower-superexec`` by name), no telemetry, no update checks, no runtime installs."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(Path(flwr_home).resolve())
-    return env
-
-
-# --------------------------------------------------------------------------- reachability and TLS
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    host, port = split_address(address)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise DeployError(f"cannot reach the SuperLink at {address} ({exc.strerror or exc}); check the address in "
-                          "deploy.superlink, that the operator's `rectalfl server start` is running and that the "
-                          "firewall lets this machine connect to that port") from None
-
-
-def check_tls(address: str, ca_file: Path, timeout: float = 5.0) -> None:
-    """Open a TLS connection to ``address`` trusting only ``ca_file``; clear error if that fails."""
-    host, port = split_address(address)
-    if not Path(ca_file).is_file():
-        raise DeployError(f"root certificate {ca_file} not found; ask the operator for the consortium's ca.crt")
-    try:
-        ctx = ssl.create_default_context(cafile=str(ca_file))
-    except ssl.SSLError as exc:
-        raise DeployError(f"{ca_file} is not a PEM certificate ({exc}); ask the operator for ca.crt again") from None
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, ctx.wrap_socket(raw, server_hostname=host):
-            pass
-    except ssl.SSLCertVerificationError as exc:
-        raise DeployError(f"the SuperLink at {address} presented a certificate that {ca_file} does not vouch for "
-                          f"({exc.verify_message}); check that you have this consortium's ca.crt and that the "
-                          "operator issued server.crt for this host name (`rectalfl certs init --host ...`)") from None
-    except ssl.SSLError as exc:
-        raise DeployError(f"TLS handshake with {address} failed ({exc}); is the SuperLink running with TLS?") from None
-    except OSError:
-        check_reachable(address, timeout)
-        raise
 
 
 def wait_listening(address: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -267,31 +191,3 @@ def run_status(run_id: str, flwr_home: Path, connection: str = "rectalfl") -> di
     return dict(runs[0]) if runs else {"run-id": run_id, "status": "unknown"}
 
 
-# --------------------------------------------------------------------------- hospital
-def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: str, data_dir: Path, cache_dir: Path,
-                      device: str | None = None, node_port: int = 9094, max_retries: int | None = None) -> list[str]:
-    """The flower-supernode command line; without ``max_retries`` it keeps reconnecting (e.g. while the
-    SuperLink restarts), as a hospital's node should."""
-    node_config = f"site-name='{site}' data-dir='{Path(data_dir).resolve()}' cache-dir='{Path(cache_dir).resolve()}'"
-    if device:
-        node_config += f" device='{device}'"
-    return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(Path(ca_file).resolve()),
-            "--auth-supernode-private-key", str(Path(key_file).resolve()), "--node-config", node_config,
-            "--host", "127.0.0.1", "--port", str(node_port),
-            *(["--max-retries", str(max_retries)] if max_retries is not None else [])]
-
-
-REFUSED = re.compile(r"Exit Code: 305|Failed to activate SuperNode|code: 2004")
-BAD_KEY = re.compile(r"Exit Code: 302|Unable to parse the private key")
-
-
-def explain_supernode_exit(code: int, output: str, key_file: Path) -> str:
-    """A message for a SuperNode that stopped, from its exit code and log."""
-    if BAD_KEY.search(output):
-        return (f"{key_file} is not a SuperNode key (EC private key in OpenSSH format); use the site.key the "
-                "operator made with `rectalfl certs add-site`")
-    if REFUSED.search(output):
-        return ("the SuperLink refused this site's key: it is not registered. Ask the operator to run "
-                "`rectalfl certs add-site NAME` (if not done), then restart `rectalfl server start` or register the "
-                "key with `flwr supernode register certs/sites/NAME/site.pub`")
-    return f"flower-supernode stopped with exit code {code}:\n{output[-1500:]}"
