@@ -1,0 +1,255 @@
+"""Hospital commands: ``rectalfl site check | preprocess | join`` (run on the hospital's machine).
+
+Everything here works on the site's own data and cache; nothing leaves the site except what the
+Flower ClientApp answers once the site has joined a consortium (``site join``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from shared.cli import ConfigOpt, JsonOpt, WorkersOpt, console, fail, load, out, progress_bar
+
+site_app = typer.Typer(help="Hospital side: check and preprocess a site's data (nothing leaves the site).",
+                       no_args_is_help=True)
+
+
+@site_app.command("check")
+def site_check(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder (patients.csv, images/, masks/).")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    fast: Annotated[bool, typer.Option("--fast", help="Check headers and geometry only; skip pixel checks.")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="List every warning instead of grouping them.")] = False,
+) -> None:
+    """Check a site's data against the contract. Exit 0 when usable (warnings allowed), 1 otherwise."""
+    from shared.cohort import CohortError, check_site
+
+    cfg = load(config)
+    with progress_bar(f"checking {site_dir.name}", not as_json) as cb:
+        try:
+            report = check_site(site_dir, cfg, progress=cb, read_pixels=not fast)
+        except CohortError as exc:
+            fail(str(exc))
+    if as_json:
+        out.print_json(json.dumps(report.to_dict(), default=str))
+    else:
+        print_report(report, show_all=show_all)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def print_report(report: Any, *, show_all: bool = False, limit: int = 15) -> None:
+    """Errors first, one line each with what to do; warnings grouped by code unless ``show_all``."""
+    errors = sorted(report.errors, key=lambda i: (i.patient_id or "", i.code))
+    for i in errors[: None if show_all else limit]:
+        out.print(f"[red]error[/] [bold]{i.code}[/] {i.message}\n      [dim]fix:[/] {i.fix}", highlight=False)
+    if len(errors) > limit and not show_all:
+        out.print(f"... {len(errors) - limit} more error(s): --all shows every one, --json for machines")
+    warnings = report.warnings
+    if show_all:
+        for i in warnings:
+            out.print(f"[yellow]warning[/] [bold]{i.code}[/] {i.message}\n      [dim]fix:[/] {i.fix}", highlight=False)
+    elif warnings:
+        table = Table(title=f"{len(warnings)} warning(s) by kind (--all lists each)", title_justify="left")
+        for col in ("code", "count", "example"):
+            table.add_column(col, overflow="fold")
+        by_code: dict[str, list[Any]] = {}
+        for w in warnings:
+            by_code.setdefault(w.code, []).append(w)
+        for code, items in sorted(by_code.items()):
+            table.add_row(f"[yellow]{code}[/]", str(len(items)), items[0].message)
+        out.print(table)
+    verdict = "[green]usable[/]" if report.ok else "[red]NOT usable[/] (fix the errors above, or they exclude those cases)"
+    out.print(
+        f"{report.site_dir}: {report.n_patients} patients, {report.n_usable_patients} usable, "
+        f"{report.volumes_checked} volumes checked -> {verdict}"
+    )
+
+
+@site_app.command("preprocess")
+def site_preprocess(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Cache folder for the preprocessed slices (stays on site).")],
+    config: ConfigOpt = None,
+    workers: WorkersOpt = None,
+    force: Annotated[bool, typer.Option(help="Recompute volumes already in the cache.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """N4, normalise, discretise, and extract each volume's largest-tumour slice into a resumable cache."""
+    from client.preprocess import preprocess_site
+    from shared.cohort import CohortError
+
+    cfg = load(config)
+    t0 = time.perf_counter()
+    with progress_bar(f"preprocessing {site_dir.name}", not as_json) as cb:
+        try:
+            manifest = preprocess_site(site_dir, out_dir, cfg, workers=workers, progress=cb, force=force)
+        except CohortError as exc:
+            fail(str(exc))
+    seconds = time.perf_counter() - t0
+    counts = manifest["status"].value_counts().to_dict()
+    if as_json:
+        out.print_json(json.dumps({"cache_dir": str(out_dir), "volumes": len(manifest), "status": counts,
+                                   "seconds": round(seconds, 2),
+                                   "errors": manifest.loc[manifest["status"] == "error", ["patient_id", "timepoint",
+                                                                                        "sequence", "error"]]
+                                   .to_dict(orient="records")}, default=str))
+    else:
+        print_manifest_summary(manifest, out_dir, seconds)
+    raise typer.Exit(0 if counts.get("ok", 0) > 0 else 1)
+
+
+def print_manifest_summary(manifest: Any, out_dir: Path, seconds: float) -> None:
+    table = Table(title=f"preprocessed volumes in {out_dir} ({seconds:.1f} s)")
+    table.add_column("timepoint")
+    table.add_column("sequence")
+    for status in ("ok", "no_mask", "error"):
+        table.add_column(status, justify="right")
+    for (tp, seq), g in manifest.groupby(["timepoint", "sequence"], sort=True):
+        vc = g["status"].value_counts()
+        table.add_row(str(tp), str(seq), *(str(int(vc.get(s, 0))) for s in ("ok", "no_mask", "error")))
+    out.print(table)
+    bad = manifest[manifest["status"] == "error"]
+    for _, row in bad.head(20).iterrows():
+        out.print(f"[red]error[/] {row['patient_id']} {row['timepoint']}/{row['sequence']}: {row['error']}")
+    if len(bad) > 20:
+        out.print(f"... and {len(bad) - 20} more errors: see {out_dir / 'manifest.csv'}")
+
+
+
+@site_app.command("join")
+def site_join(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Site config (data_root, cache_root, deploy).")] =
+    Path("configs/site.example.yaml"),
+    server: Annotated[str | None, typer.Option("--server", help="SuperLink HOST:PORT (default deploy.superlink).")]
+    = None,
+    root_cert: Annotated[Path | None, typer.Option("--root-cert", help="The consortium's ca.crt.")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="This site's site.key.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Site name (default deploy.site_name or the data "
+                                                           "folder's name).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Site data folder (default data_root).")] = None,
+    cache: Annotated[Path | None, typer.Option("--cache", help="Site cache folder (default cache_root).")] = None,
+    node_port: Annotated[int | None, typer.Option("--node-port", help="Local port of this SuperNode (unique per "
+                                                                     "SuperNode on one machine).")] = None,
+    skip_check: Annotated[bool, typer.Option("--skip-check", help="Do not re-check the data.")] = False,
+) -> None:
+    """Check the site's data, preprocess if needed, then connect this hospital to the consortium (flower-supernode)."""
+    from client.join import check_reachable, check_tls, supernode_command
+    from client.preprocess import preprocess_site
+    from shared.cohort import CohortError, check_site
+    from shared.flower import DeployError
+
+    overrides = {k: str(v) for k, v in {"data_root": data, "cache_root": cache}.items() if v is not None}
+    if node_port is not None:
+        overrides["deploy.node_port"] = str(node_port)
+    cfg = load(config, overrides)
+    d = cfg.deploy
+    superlink = server or d.superlink
+    ca, site_key = root_cert or d.root_certificates, key or d.site_key
+    if ca is None or site_key is None:
+        fail("need the consortium's ca.crt and this site's site.key: --root-cert and --key, or "
+                  "deploy.root_certificates and deploy.site_key in the site config")
+    if not Path(site_key).is_file():
+        fail(f"site key {site_key} not found; the operator creates it with `rectalfl certs add-site NAME`")
+    site_dir, cache_dir = Path(cfg.data_root), Path(cfg.cache_root)
+    site = name or d.site_name or site_dir.resolve().name
+    if not skip_check:
+        with progress_bar(f"checking {site}") as cb:
+            try:
+                report = check_site(site_dir, cfg, progress=cb, read_pixels=False)
+            except CohortError as exc:
+                fail(str(exc))
+        if not report.ok:
+            print_report(report)
+            fail(f"{site_dir} is not usable yet; fix the errors above (`rectalfl site check {site_dir}`)", 1)
+        out.print(f"{site}: {report.n_usable_patients} usable patient(s)")
+    with progress_bar(f"preprocessing {site} (only what is missing)") as cb:
+        try:
+            preprocess_site(site_dir, cache_dir, cfg, progress=cb)
+        except CohortError as exc:
+            fail(str(exc))
+    try:
+        check_reachable(superlink)
+        check_tls(superlink, Path(ca))
+    except DeployError as exc:
+        fail(str(exc))
+    cmd = supernode_command(superlink, Path(ca), Path(site_key), site=site, data_dir=site_dir, cache_dir=cache_dir,
+                            device=None if cfg.train.device == "auto" else cfg.train.device, node_port=d.node_port)
+    out.print(f"joining {superlink} as {site} (data stays in {site_dir}; audit log {cache_dir}/audit.jsonl). "
+                  "Ctrl-C leaves the consortium.")
+    run_supervised(cmd, Path(site_key))
+
+
+def run_supervised(cmd: list[str], site_key: Path, *, retry_s: float = 10.0, max_quick_failures: int = 5) -> None:
+    """Run flower-supernode in the foreground and keep this site in the consortium.
+
+    Flower's SuperNode stops when it loses its SuperLink (e.g. the server restarted); this restarts it
+    after ``retry_s`` seconds. A refused or unreadable key stops for good, with what to do; so do
+    ``max_quick_failures`` consecutive exits before ever connecting. Ctrl-C leaves.
+    """
+    from client.join import BAD_KEY, REFUSED, explain_supernode_exit
+    from shared.flower import flwr_env
+
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` (or a service manager) leaves cleanly, SuperNode included
+    quick = 0
+    while True:
+        t0 = time.time()
+        # own process group: its helper processes (flower-superexec) go with it
+        proc = subprocess.Popen(cmd, env=flwr_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        tail: list[str] = []
+        state = {"connected": False}
+
+        def pump(stream=proc.stdout, tail=tail, state=state) -> None:
+            for line in stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                state["connected"] = state["connected"] or "SuperNode ID" in line
+                tail.append(line)
+                del tail[:-60]
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            _killpg(proc, signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _killpg(proc, signal.SIGKILL)
+            raise typer.Exit(0) from None
+        reader.join(timeout=3)
+        _killpg(proc, signal.SIGTERM)
+        connected = state["connected"]
+        text = "".join(tail)
+        if BAD_KEY.search(text) or REFUSED.search(text):
+            fail(explain_supernode_exit(code, text, site_key), 1)
+        quick = 0 if connected or time.time() - t0 > 60 else quick + 1
+        if quick >= max_quick_failures:
+            fail(explain_supernode_exit(code, text, site_key), 1)
+        console.print(f"[yellow]the SuperNode stopped (exit {code}); reconnecting in {retry_s:.0f} s[/] "
+                          "(Ctrl-C to leave)")
+        time.sleep(retry_s)
+
+
+def _killpg(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,5 @@
+"""``python -m rectalfl``: the same command as the ``rectalfl`` console script."""
+
+from rectalfl import main
+
+main()
