@@ -50,7 +50,7 @@ def tiny_config(root: Path, **overrides: object) -> RectalFLConfig:
 @pytest.fixture(scope="session")
 def tiny_consortium(tmp_path_factory: pytest.TempPathFactory) -> RectalFLConfig:
     """Generated and preprocessed once; tests must not modify its data or cache (copy them first)."""
-    from server.simulate import prepare_sites
+    from simulations.runner import prepare_sites
 
     root = tmp_path_factory.mktemp("consortium")
     cfg = tiny_config(root)

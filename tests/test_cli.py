@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from shared.cli import app
+from rectalfl import app
 
 runner = CliRunner()
 

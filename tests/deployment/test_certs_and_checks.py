@@ -13,9 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 from typer.testing import CliRunner
 
-from server.deploy import DeployError, check_reachable, check_tls, explain_supernode_exit, write_connection
+from client.join import check_reachable, check_tls, explain_supernode_exit
+from rectalfl import app
+from server.deploy import write_connection
 from shared.certs import CertError, add_site, init_ca, site_public_keys
-from shared.cli import app
+from shared.flower import DeployError
 
 
 def test_ca_server_and_site_keys(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 
 from shared.config import ConfigError, load_config, parse_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+assert CONFIGS, "no configs/*.yaml found next to tests/"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -17,7 +18,7 @@ def test_shipped_configs_validate(path: Path) -> None:
 
 
 def test_paper_config_is_faithful_to_the_published_settings() -> None:
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "paper.yaml")
     assert cfg.preprocess.slice_size == 256
     assert cfg.train.backbone == "densenet121"
     assert cfg.train.lr == 0.01 and cfg.train.batch_size == 32

@@ -105,43 +105,6 @@ def test_fedavg_aggregate_is_the_case_weighted_mean(monkeypatch: pytest.MonkeyPa
     assert isinstance(arrays, ArrayRecord) and not isinstance(arrays, ConfigRecord)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
-def test_every_strategy_aggregates_real_backbone_records(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from client.train import initial_states, models_from_states
-    from server.orchestrator import _SubsetGrid, cast_like, make_strategy
-    from shared.config import parse_config
-    from shared.records import record_to_states, states_to_record
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    cfg = parse_config({"data": {"sequences": ["t2w"], "timepoints": ["pre"]}, "preprocess": {"slice_size": 32},
-                        "train": {"backbone": "densenet_tiny"}, "federation": {"strategy": strategy}})
-    start = states_to_record(initial_states(cfg))
-
-    class _Grid:
-        def get_node_ids(self) -> list[int]:
-            return [1, 2]
-
-    strat = make_strategy(cfg, 2)
-    for rnd in (1, 2):  # two rounds: FedAdam keeps server state between them
-        msgs = list(strat.configure_train(rnd, start, ConfigRecord({}), _SubsetGrid(_Grid(), [1, 2])))
-        assert len(msgs) == 2
-        replies = []
-        for i, n in enumerate((10, 30)):
-            moved = {k: v.numpy() + (i + 1) * 0.01 for k, v in start.items()}
-            replies.append(Message(RecordDict({"arrays": arrays_to_record(moved),
-                                               "metrics": MetricRecord({"num-examples": n})}),
-                                   dst_node_id=i + 1, message_type="train"))
-        agg, _ = strat.aggregate_train(rnd, replies)
-        start = cast_like(agg, start)
-    models = models_from_states(cfg, record_to_states(start))  # the result loads into the network
-    assert set(models) == {"pre_t2w"}
-    assert all(v.numpy().dtype == np.float32 for v in start.values())
-
-
 @pytest.mark.parametrize("n", [0])
 def test_training_on_no_cases_is_a_defined_no_op(n: int) -> None:
     empty = SliceSet("pre_t2w", np.zeros((n, 1, 32, 32), np.float32), np.zeros(n, np.float32), [], np.array([]))

@@ -7,7 +7,7 @@ import webbrowser
 
 from typer.testing import CliRunner
 
-from shared.cli import app
+from rectalfl import app
 
 runner = CliRunner()
 

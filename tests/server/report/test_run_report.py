@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.report import ReportError, build_report, fmt, render_figures
-from tests.report.conftest import COHORTS, MODELS, SUPPRESSIONS
+from tests.server.report.conftest import COHORTS, MODELS, SUPPRESSIONS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPECTED_FIGURES = {*(f"{k}_{c}" for k in ("roc", "calibration", "decision", "signatures") for c in COHORTS),

@@ -17,9 +17,9 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client import client_app
-from client.train import initial_states, signature_keys
 from server.evaluation import signature_auc_queries
 from server.pipeline import simulation_sites
+from shared.models import initial_states, signature_keys
 from shared.records import arrays_to_record, is_local_only, pack_json, states_to_record
 
 from .conftest import node_context

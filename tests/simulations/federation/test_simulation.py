@@ -17,9 +17,9 @@ import pytest
 from client.algorithm import SiteAlgorithm
 from client.train import initial_states, mean_loss, models_from_states
 from server.pipeline import simulation_sites
-from server.simulate import run_simulation
 from server.store import RunStore
 from shared.records import unflatten_states
+from simulations.runner import run_simulation
 
 pytestmark = pytest.mark.slow
 

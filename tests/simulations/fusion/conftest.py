@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from server.analysis import InProcessSites, run_analysis
+from server.analysis import run_analysis
 from shared.config import parse_config
+from simulations.reference import InProcessSites
 
 SIGS = ["pre_t2w", "post_t2w", "pre_dwi", "post_dwi"]
 ROLES = {"site_a": "train", "site_b": "train", "site_c": "train", "ext": "external"}

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from tests.fusion.conftest import SIGS, analyse
+from tests.simulations.fusion.conftest import SIGS, analyse
 
 REQUIRED = {
     "table1_baseline": ["cohort", "variable", "level", "good_response", "poor_response", "p_value", "test", "note"],

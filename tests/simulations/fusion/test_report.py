@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from rectalfl import app
 from server.report import ReportError, build_report
-from shared.cli import app
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
