@@ -205,6 +205,44 @@ class PrivacyConfig(_Section):
     dp_max_grad_norm: float = Field(1.0, gt=0)
 
 
+STAGES: tuple[str, ...] = ("describe", "train", "signatures", "stats", "fusion")
+"""Message types (pipeline stages) a site may take part in; its policy may allow fewer."""
+
+
+class PolicyConfig(_Section):
+    """A hospital's own rules for what may leave it.
+
+    Read by the site from its own config file (``rectalfl site join`` passes the file to the
+    ClientApp through node config; a simulated site's comes from ``site_policies``), never from a
+    server message: a server cannot lower a floor or widen an allow-list. A request outside the
+    policy gets a refusal naming the rule, recorded in the site's ``audit.jsonl``.
+    """
+
+    min_cell_count: int = Field(5, ge=3)
+    """Floor k: no count or sum the server can see (alone or by differencing answers) covers fewer patients."""
+    stages: list[Literal["describe", "train", "signatures", "stats", "fusion"]] = Field(
+        default_factory=lambda: list(STAGES))
+    """Message types this site answers."""
+    columns: list[str] | None = None
+    """Columns statistics may be computed on: null = the run's signatures + the declared clinical
+    predictors (``fusion.clinical_predictors`` of this file). Identifiers are never allowed."""
+    query_budget: int = Field(20000, ge=1)
+    """Most statistics answers (query rounds) this site gives one run."""
+    release_site_figures: bool = False
+    """Whether numbers about this site alone (per-site AUCs, per-site table rows) may be released."""
+    secure_aggregation: bool = True
+    """Answer statistics only through secure aggregation (the server sees consortium totals only)."""
+    roster: Path | None = None
+    """Secure aggregation: the consortium's site public keys (a folder of <site>/site.pub, as `rectalfl
+    certs add-site` writes); the site verifies every peer against it (no server-made sites)."""
+    identity_key: Path | None = None
+    """Secure aggregation: this site's private key (default: deploy.site_key)."""
+    epsilon_budget: float | None = Field(None, gt=0)
+    """Differential privacy: the most epsilon this site spends on one run (null = no DP budget set)."""
+    allowed_apps: list[str] = Field(default_factory=list)
+    """Hashes of the Flower app versions this hospital agreed to run (empty = the installed rectalfl only)."""
+
+
 class FusionConfig(_Section):
     """Fusion models (FDL, CR, CRD and the study's variants): federated RBF-SVMs, see shared.fusion."""
 
@@ -274,6 +312,10 @@ class RectalFLConfig(_Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """Site configs: this hospital's own disclosure policy (see :class:`PolicyConfig`)."""
+    site_policies: dict[str, PolicyConfig] = Field(default_factory=dict)
+    """Simulation only: each simulated site's own policy, by site name (default: ``policy``)."""
 
     def digest(self) -> str:
         """Short hash of the resolved config (stored with models and the run record)."""
