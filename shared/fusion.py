@@ -23,7 +23,7 @@ probabilities. Here that model is built from sums only:
 
 Only the rows of the splits a query names ever reach :meth:`FusionSVMProtocol.site_step`; the
 pipeline names the training splits of the training sites, so no test or external patient takes
-part in fitting, tuning or calibrating (``tests/fusion``).
+part in fitting, tuning or calibrating (``tests/shared/test_fusion.py``, ``tests/simulations/fusion``).
 
 Disclosure. A site with ``0 < n < min_count`` patients of a class is excluded (as in
 :mod:`shared.stats.fed_logistic`). A problem whose margin-violating rows at a site number
