@@ -120,8 +120,12 @@ def run_secure_sum(sites_data: Mapping[str, Mapping[str, Any]],
             up[round_name][site] = 0 if round_name == "unmask" else message_bytes(out)  # totals stay on site
             return out
 
-        adverts = {p: call("advertise", p, sites[p].advertise, session_id, participants, query_id=query_id)
-                   for p in participants}
+        request = {"session_id": session_id, "participants": ",".join(participants),
+                   "query_id": query_id or session_id}
+        adverts = {}
+        for p in participants:
+            down["advertise"][p] = message_bytes(request)
+            adverts[p] = call("advertise", p, sites[p].advertise, session_id, participants, query_id=query_id)
         adverts = collect(adverts, participants, "advert", session_id=session_id)
         shares = {}
         for p in participants:
