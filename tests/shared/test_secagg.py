@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -165,6 +165,8 @@ def test_mac_is_linear_and_a_second_prime_catches_what_p61_alone_misses():
 # ==================================================================== exact sums
 
 @given(st.integers(3, 20), st.integers(0, 60), st.integers(0, 2**32 - 1), st.booleans())
+@example(20, 13, 1, False)
+@example(3, 0, 2, True)
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_unmasked_sum_equals_the_plain_sum(identities, n_sites, length, seed, reveal):
     rng = np.random.default_rng(seed)
@@ -559,3 +561,25 @@ def test_aggregate_checks_shapes_and_extras(sites):
         aggregate(bad, [A, B, C])
     with pytest.raises(ValueError, match="from s03, not participants"):
         aggregate({**masked, D: masked[A]}, [A, B, C])
+
+
+def test_a_bad_contribution_is_a_value_error_naming_the_array_and_the_session_stays_usable(sites):
+    data = data_for([A, B, C])
+    sid = "bad-input"
+    inbox = share(sites, sid, advertise(sites, sid, [A, B, C]))
+    broken = {"n": data[A]["n"], "x": np.where(np.eye(2, 7) > 0, np.nan, data[A]["x"])}
+    with pytest.raises(ValueError, match="array 'x': 2 NaN"):
+        sites[A].mask(sid, inbox[A], broken, SPEC)
+    with pytest.raises(ValueError, match="differ from spec keys"):
+        sites[A].mask(sid, inbox[A], {"n": data[A]["n"]}, SPEC)
+    masked = {p: sites[p].mask(sid, inbox[p], data[p], SPEC) for p in (A, B, C)}  # nothing was sent: retry ok
+    assert np.array_equal(sites[A].unmask(sid, aggregate(masked, [A, B, C]))["n"], plain_sum(data, "n"))
+
+
+def test_with_two_participants_each_learns_the_others_vector(identities, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="shared.secagg"):
+        sites = make_sites(identities, tmp_path, [A, B], min_sites=2)
+    assert "min_sites=2 lets each of two participants learn the other's vector" in caplog.text
+    data = data_for([A, B], seed=3)
+    res = run_secure_sum(data, SPEC, sites=sites)
+    assert np.array_equal(res.totals[A]["n"] - data[A]["n"], data[B]["n"])  # why min_sites defaults to 3
