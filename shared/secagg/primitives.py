@@ -45,6 +45,8 @@ P31 = (1 << 31) - 1
 MAC_WORDS = 3
 #: length of the tag vector that travels (limbs of t1, t2, t3)
 TAG_LEN = 4
+#: exclusive upper bound of each limb of one site's tag (a sum over n sites stays below n times these)
+TAG_LIMB_BOUNDS = (1 << 29, 1 << 32, P31, P31)
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as shared.certs.SITE_NAME
 _M32 = np.uint64(0xFFFFFFFF)
 
@@ -235,7 +237,7 @@ def mac(values: np.ndarray, coeffs: tuple[np.ndarray, np.ndarray, np.ndarray]) -
 
 
 def tag_limbs(tag: tuple[int, int, int]) -> np.ndarray:
-    """The tag as four ring elements < 2**32, so sums over up to 2**31 sites are exact integers."""
+    """The tag as four ring elements < 2**32 (:data:`TAG_LIMB_BOUNDS`): sums over < 2**31 sites are exact."""
     t1, t2, t3 = tag
     return np.array([t1 >> 32, t1 & 0xFFFFFFFF, t2, t3], dtype=np.uint64)
 

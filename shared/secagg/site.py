@@ -26,6 +26,7 @@ from .primitives import (
     MAC_WORDS,
     PROTOCOL,
     TAG_LEN,
+    TAG_LIMB_BOUNDS,
     advert_payload,
     check_site_name,
     digest,
@@ -502,7 +503,9 @@ class SiteSecAgg:
                 raise self._integrity(sid, f"array {k!r} is outside the range the declared bounds allow")
         values = np.concatenate([plain[k].view(np.int64) for k in sorted(specs)])
         coeffs = mac_coefficients(prg_u64(expand(k_group, lp(b"mac", ctx)), MAC_WORDS * values.size))
-        if mac(values, coeffs) != tag_from_limbs(plain[TAG_KEY]):
+        limbs = plain[TAG_KEY]  # honest limb sums are exact: anything out of range was altered
+        if np.any(limbs >= np.array(TAG_LIMB_BOUNDS, dtype=np.uint64) * np.uint64(n)) \
+                or mac(values, coeffs) != tag_from_limbs(limbs):
             raise self._integrity(sid, "integrity tag mismatch")
         if not self.store.claim("query", st["query"]):
             raise self._refused(sid, f"query {st['query']!r} was already unmasked in another session; a site "
