@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from server.simulate import prepare_sites, run_simulation
 from server.store import RunStore
 from shared.config import load_config
+from simulations.runner import prepare_sites, run_simulation
 
 
 def _one(cfg, mode: str, strategy: str, seed: int, runs_root: Path) -> tuple[pd.DataFrame, Path, float]:
