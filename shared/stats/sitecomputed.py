@@ -52,10 +52,10 @@ State = dict[str, Any]
 Released = dict[str, Any]
 
 #: Default fixed-point encodings (see :class:`shared.secagg.ArraySpec`): counts are exact integers;
-#: float sums keep 2**-32 resolution up to +-2**24 per site (64 sites fit in the 64-bit ring).
+#: float sums keep 2**-32 resolution up to +-2**24 per site, or 2**-24 up to +-2**32 (64 sites fit in the ring).
 COUNT_SPEC = {"bound": float(2**40), "frac_bits": 0}
 SUM_SPEC = {"bound": float(2**24), "frac_bits": 32}
-BIG_SUM_SPEC = {"bound": float(2**40), "frac_bits": 16}
+BIG_SUM_SPEC = {"bound": float(2**32), "frac_bits": 24}
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,35 @@ class SiteComputedProtocol(ABC):
     def empty(self, state: State) -> dict[str, np.ndarray]:
         """A zero contribution with the layout's keys and shapes (a site excluded from a quantity)."""
         return {k: np.zeros(tuple(v["shape"])) for k, v in self.layout(state).items()}
+
+
+_REGISTRY: dict[str, type[SiteComputedProtocol]] = {}
+#: Modules that register protocols when imported (looked up lazily, so importing this module is cheap).
+PROTOCOL_MODULES = ("shared.stats.sc_basic", "shared.stats.sc_registry", "shared.fusion")
+
+
+def register(cls: type[SiteComputedProtocol]) -> type[SiteComputedProtocol]:
+    """Class decorator: make a protocol available to sites by its ``name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two protocols are named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def protocol_class(name: str) -> type[SiteComputedProtocol]:
+    """The registered protocol called ``name`` (a site answers no other)."""
+    if name not in _REGISTRY:
+        import importlib
+
+        for mod in PROTOCOL_MODULES:
+            try:
+                importlib.import_module(mod)
+            except ModuleNotFoundError as exc:
+                if exc.name != mod:
+                    raise
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown statistics protocol {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
 def zeros_like(contrib: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

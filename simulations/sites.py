@@ -1,0 +1,84 @@
+"""Simulated hospitals' statistics endpoints in one process, and their consortium identities.
+
+Simulation only. Each simulated site gets its own :class:`client.stats_service.StatsService` over its
+own table and cache folder, its own identity key and the consortium roster, exactly as a real site
+has them; the in-process transport passes every request and reply through the same wire encoding as
+Flower messages (:mod:`shared.wire`), so what a test or a baseline computes is what a federation
+computes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from client.site_policy import SiteRules, read_stamps, roster_from, secagg_factory
+from client.stats_service import SiteContext, StatsService
+from shared.config import PolicyConfig
+from shared.wire import pack, unpack
+
+logger = logging.getLogger(__name__)
+
+
+def make_consortium_keys(root: Path, sites: list[str]) -> dict[str, Path]:
+    """Identity keys for simulated sites: ``root/sites/<name>/site.key|site.pub`` (keys 0600); reused if present.
+
+    Returns ``{site: private key path}``; ``root`` is the roster folder every site trusts.
+    """
+    out = {}
+    for name in sites:
+        d = Path(root) / "sites" / name
+        key_path, pub_path = d / "site.key", d / "site.pub"
+        if not key_path.is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            key = ec.generate_private_key(ec.SECP384R1())
+            import os
+
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
+            pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                               serialization.PublicFormat.OpenSSH)
+                                 + f" rectalfl-site-{name}\n".encode())
+        out[name] = key_path
+    return out
+
+
+def site_service(site: str, cache_dir: Path, policy: PolicyConfig, clinical: list[str] | tuple[str, ...],
+                 table: Callable[[], pd.DataFrame], identity_key: Path | None) -> StatsService:
+    """A simulated site's statistics service (its own policy, table, cache and key)."""
+    rules = SiteRules(policy, tuple(clinical), identity_key, "simulation")
+    ctx = SiteContext(site=site, cache_dir=Path(cache_dir), policy=policy, clinical_columns=tuple(clinical),
+                      table=table, stamps=lambda: read_stamps(Path(cache_dir)),
+                      secagg=secagg_factory(site, rules, Path(cache_dir)))
+    return StatsService(ctx)
+
+
+def inprocess_transport(services: Mapping[str, StatsService], run: str,
+                        fail: Callable[[str, dict], bool] | None = None) -> Callable[[dict], dict]:
+    """``{site: request} -> {site: reply}`` through the wire encoding; ``fail(site, request)`` drops a reply."""
+
+    def send(requests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for site, req in requests.items():
+            if site not in services or (fail is not None and fail(site, req)):
+                continue
+            text, arrays = pack(req)
+            reply = services[site].handle(run, unpack(text, arrays))
+            text, arrays = pack(reply)
+            out[site] = unpack(text, arrays)
+        return out
+
+    return send
+
+
+def roster(root: Path) -> dict[str, Path]:
+    """The roster a simulated site trusts (``root/sites/*/site.pub``)."""
+    return roster_from(root)
