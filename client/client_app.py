@@ -170,9 +170,15 @@ def _train(algo: Any, msg: Message) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
+def _run_id(msg: Message) -> str | None:
+    conf = msg.content["config"]
+    return str(conf["run-id"]) if "run-id" in conf else None
+
+
 def _signatures(algo: Any, msg: Message) -> RecordDict:
     states = unflatten_states(message_arrays(msg.content))
-    table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)))
+    table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)),
+                            run_id=_run_id(msg))
     return RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))})})
 
 
@@ -191,7 +197,7 @@ def _fusion(algo: Any, msg: Message) -> RecordDict:
 
     columns = unpack_json(str(msg.content["config"]["fusion-models"]))
     models = models_from_payload(record_to_arrays(msg.content["arrays"]), columns)
-    answer = algo.apply_fusion(models)
+    answer = algo.apply_fusion(models, run_id=_run_id(msg))
     arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
     return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
@@ -219,6 +225,56 @@ def signatures(msg: Message, context: Context) -> Message:
 def fusion(msg: Message, context: Context) -> Message:
     """Score every patient with the fitted fusion models; scores and SHAP stay on site, SHAP sums go back."""
     return _reply(msg, context, _fusion, light=True)
+
+
+POLICY_REFUSED_CODE = 4300
+
+
+def _site_service(algo: Any, context: Context) -> Any:
+    """This site's statistics service, under its own rules (node config / its cache; never the message)."""
+    from client.site_policy import load_rules, read_stamps, secagg_factory
+    from client.stats_service import SiteContext, StatsService
+
+    rules = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg)
+    ctx = SiteContext(site=algo.site, cache_dir=algo.cache_dir, policy=rules.policy,
+                      clinical_columns=rules.clinical_columns, table=algo.site_table,
+                      stamps=lambda: read_stamps(algo.cache_dir), secagg=secagg_factory(algo.site, rules, algo.cache_dir))
+    return StatsService(ctx)
+
+
+def _sitestats(algo: Any, msg: Message, context: Context) -> RecordDict:
+    from shared.wire import pack, unpack
+
+    conf = msg.content["config"]
+    run = _run_id(msg)
+    if run is None:
+        raise ValueError("statistics request without a run-id")
+    arrays = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    request = unpack(str(conf["request"]), arrays)
+    reply = _site_service(algo, context).handle(run, request)
+    text, out = pack(reply)
+    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)})
+
+
+@app.evaluate("sitestats")
+def sitestats(msg: Message, context: Context) -> Message:
+    """Site-computed statistics (``client.stats_service``): the site's policy decides; only releases leave."""
+    from client.stats_service import PolicyRefusal
+
+    algo = None
+    try:
+        algo = _algorithm(msg, context, light=True)
+        content = _sitestats(algo, msg, context)
+        content["site"] = ConfigRecord({"name": algo.site})
+        return audit(algo, msg, Message(content, reply_to=msg))
+    except PolicyRefusal as exc:
+        logger.warning("%s", exc)
+        reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),
+                        reply_to=msg)
+        return audit(algo, msg, reply) if algo else reply
+    except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
+        reply = _error_reply(msg, algo.site if algo else None, exc)
+        return audit(algo, msg, reply) if algo else reply
 
 
 @app.evaluate("stats")

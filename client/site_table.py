@@ -82,7 +82,7 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 
 
 def apply_fusion(table: pd.DataFrame, models: Mapping[str, SVMModel], cache_dir: Path, *, min_count: int,
-                 site: str) -> dict[str, Any]:
+                 site: str, run_id: str | None = None) -> dict[str, Any]:
     """Score every patient with each fusion model; keep scores and SHAP on site, return SHAP sums.
 
     Returns
@@ -128,6 +128,11 @@ def apply_fusion(table: pd.DataFrame, models: Mapping[str, SVMModel], cache_dir:
         shap_rows.append(frame.melt(id_vars=["patient_id", "model"], var_name="input", value_name="shap"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write(scores, cache_dir / SCORES_FILE)
+    if run_id is not None:  # which run and models made the scores: statistics for another run are refused
+        from client.site_policy import SCORES_STAMP, digest_arrays, write_stamp
+        from shared.fusion import models_to_payload
+
+        write_stamp(cache_dir / SCORES_STAMP, run=run_id, models=digest_arrays(models_to_payload(dict(models))[0]))
     if shap_rows:
         _write(pd.concat(shap_rows, ignore_index=True), cache_dir / SHAP_FILE)
     return out
@@ -164,7 +169,7 @@ class SiteTables:
         """Signatures + clinical predictors + fusion scores: what federated queries read (never sent)."""
         return build_site_table(self.load_signatures(), self.clinical, read_scores(self.cache_dir))
 
-    def apply_fusion(self, models: dict) -> dict:
+    def apply_fusion(self, models: dict, run_id: str | None = None) -> dict:
         """Score every patient with the fitted fusion models (kept on site); SHAP sums come back."""
         return apply_fusion(self.site_table(), models, self.cache_dir, min_count=self.cfg.privacy.min_cell_count,
-                            site=self.site)
+                            site=self.site, run_id=run_id)

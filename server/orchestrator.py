@@ -36,6 +36,10 @@ from shared.records import (
 logger = logging.getLogger(__name__)
 
 
+POLICY_REFUSED_CODE = 4300
+"""Error code of a site's reply that its policy refused the request (see ``client.client_app``)."""
+
+
 class FederationError(RuntimeError):
     """The federation cannot go on (too few sites, none reachable, ...); the message says why."""
 
@@ -130,7 +134,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ messaging
     def _config(self, **extra: Any) -> ConfigRecord:
-        conf: dict[str, Any] = {"rectalfl-config": self.cfg_yaml, **extra}
+        conf: dict[str, Any] = {"rectalfl-config": self.cfg_yaml, "run-id": self.run_id, **extra}
         if self.sim_sites is not None:
             conf["sim-sites"] = pack_json(self.sim_sites)
         return ConfigRecord(conf)
@@ -372,6 +376,37 @@ class Orchestrator:
                                   "arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
             msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
         return self.exchange("evaluate", msgs)
+
+    def site_stats_transport(self, requests: dict[str, dict]) -> dict[str, dict]:
+        """Site-computed statistics (``shared.stats_driver``): one ``evaluate.sitestats`` message per site.
+
+        A site whose policy refuses the whole request answers with an error naming the rule; it is
+        recorded as a ``policy_refused`` event and that site's queries end.
+        """
+        from shared.wire import pack, unpack
+
+        by_site = {n.site: n.node_id for n in self.nodes}
+        msgs = []
+        for site, req in requests.items():
+            if site not in by_site:
+                continue
+            text, arrays = pack(req)
+            content = RecordDict({"config": self._config(request=text), "arrays": arrays_to_record(arrays)})
+            msgs.append(Message(content=content, message_type="evaluate.sitestats", dst_node_id=by_site[site]))
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        refused = [m for m in replies if m.has_error() and m.error.code == POLICY_REFUSED_CODE]
+        for m in refused:
+            self.store.event(self.run_id, "policy_refused", m.error.reason, level="warning",
+                             site=self._site_of(m.metadata.src_node_id), detail={"stage": "statistics"})
+        refused_ids = {m.metadata.src_node_id for m in refused}
+        ok = self._record_failures("statistics", None,
+                                   [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in refused_ids],
+                                   [m for m in replies if m not in refused])
+        out: dict[str, dict] = {}
+        for m in ok:
+            arrays = record_to_arrays(m.content["arrays"]) if "arrays" in m.content else {}
+            out[str(m.content["site"]["name"])] = unpack(str(m.content["reply"]["json"]), arrays)
+        return out
 
     def exchange(self, stage: str, msgs: list[Message]) -> dict[str, dict]:
         """Send, record failures, and return each replying site's arrays + metrics as one flat dict."""

@@ -82,3 +82,25 @@ def inprocess_transport(services: Mapping[str, StatsService], run: str,
 def roster(root: Path) -> dict[str, Path]:
     """The roster a simulated site trusts (``root/sites/*/site.pub``)."""
     return roster_from(root)
+
+
+def prepare_site_policies(cfg: Any, sites: list[dict], external: set[str]) -> dict[str, Path]:
+    """Give every simulated hospital its own policy file, identity key and the consortium roster.
+
+    Each site's policy is ``site_policies[name]`` (else ``policy``) with the roster and key of the
+    simulated consortium filled in (``<cache_root>/.consortium``) and its role set from the cohort,
+    written to ``<its cache>/site_policy.json`` where its ClientApp reads it. Returns the policy paths.
+    """
+    from client.site_policy import write_simulated_policy
+
+    root = Path(cfg.cache_root).resolve() / ".consortium"
+    keys = make_consortium_keys(root, [s["name"] for s in sites])
+    out = {}
+    for s in sites:
+        name = s["name"]
+        base = cfg.site_policies.get(name, cfg.policy)
+        pol = base.model_copy(update={
+            "roster": base.roster or root, "identity_key": base.identity_key or keys[name],
+            "role": base.role or ("external" if name in external else "train")})
+        out[name] = write_simulated_policy(Path(s["cache_dir"]), pol, list(cfg.fusion.clinical_predictors))
+    return out
