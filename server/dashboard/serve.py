@@ -51,7 +51,7 @@ def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8050, tls_c
         raise ValueError(f"port must be in 0-65535, got {port}")
     return uvicorn.Config(app, host=host, port=int(port), ssl_certfile=str(tls_cert) if tls_cert else None,
                           ssl_keyfile=str(tls_key) if tls_key else None, log_level=log_level, access_log=False,
-                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="off", proxy_headers=False,
+                          timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="off", ws="none", proxy_headers=False,
                           server_header=False)
 
 
