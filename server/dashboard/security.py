@@ -191,7 +191,8 @@ class TokenAuth:
             ctype = b"application/json"
         else:
             body = (
-                "<!doctype html><html lang=en><meta charset=utf-8><title>401 - rectalfl dashboard</title>"
+                "<!doctype html><html lang=en><meta charset=utf-8><link rel=icon href='data:,'>"
+                "<title>401 - rectalfl dashboard</title>"
                 "<body style='font-family:sans-serif;max-width:40em;margin:3em auto'>"
                 f"<h1>401 Unauthorized</h1><p>{why.capitalize()}.</p><p>Open the login link that "
                 "<code>rectalfl dashboard</code> printed when it started (it ends in <code>?token=...</code>), "

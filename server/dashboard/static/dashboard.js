@@ -57,12 +57,12 @@
       var series = Object.keys(loss.sites || {}).sort().map(function (site) {
         return {name: site, points: (loss.sites[site] || {})[chosen] || []};
       });
-      MiniChart.line(byId('chart-sites'), {series: series, xLabel: 'round', yLabel: 'training loss'});
+      MiniChart.line(byId('chart-sites'), {series: series, xLabel: 'round', xInteger: true, yLabel: 'training loss'});
     }
 
     function draw(data) {
       loss = data.loss || {consortium: {}, sites: {}};
-      MiniChart.line(byId('chart-consortium'), {series: toSeries(loss.consortium), xLabel: 'round',
+      MiniChart.line(byId('chart-consortium'), {series: toSeries(loss.consortium), xLabel: 'round', xInteger: true,
                                                 yLabel: 'training loss'});
       var keys = {};
       Object.keys(loss.sites || {}).forEach(function (s) { Object.keys(loss.sites[s]).forEach(function (k) { keys[k] = 1; }); });
@@ -140,7 +140,7 @@
     var qs = runs.map(function (r) { return 'run=' + encodeURIComponent(r); }).join('&');
     getJSON('/api/compare?' + qs).then(function (cmp) {
       var series = cmp.runs.map(function (x) { return {name: x.run.name + ' (' + x.run.run_id + ')', points: x.loss}; });
-      MiniChart.line(byId('chart-compare'), {series: series, xLabel: 'round', yLabel: 'mean training loss'});
+      MiniChart.line(byId('chart-compare'), {series: series, xLabel: 'round', xInteger: true, yLabel: 'mean training loss'});
     }).catch(function (e) { setText('chart-compare', 'chart unavailable: ' + e.message); });
   }
 

@@ -1,7 +1,7 @@
 /*! minichart.js - tiny dependency-free SVG line charts for the rectalfl dashboard.
  * Written for rectalfl (no third-party code); same licence as rectalfl (Apache-2.0), see LICENSE.txt.
  *
- * MiniChart.line(container, {series: [{name, points: [[x, y], ...]}], xLabel, yLabel, height})
+ * MiniChart.line(container, {series: [{name, points: [[x, y], ...]}], xLabel, yLabel, height, xInteger})
  * draws an SVG chart with axes, nice ticks, one polyline per series and an HTML legend.
  * Text is always set with textContent (never innerHTML), so series names cannot inject markup.
  */
@@ -25,12 +25,13 @@
   }
 
   /* "Nice" tick values covering [lo, hi] with about n ticks (1, 2, 5 x 10^k steps). */
-  function niceTicks(lo, hi, n) {
+  function niceTicks(lo, hi, n, integer) {
     if (!isFinite(lo) || !isFinite(hi)) return [];
     if (lo === hi) { var pad = Math.abs(lo) * 0.1 || 1; lo -= pad; hi += pad; }
     var raw = (hi - lo) / Math.max(1, n || 5);
     var mag = Math.pow(10, Math.floor(Math.log10(raw)));
     var step = [1, 2, 5, 10].map(function (m) { return m * mag; }).find(function (s) { return s >= raw; });
+    if (integer) step = Math.max(1, Math.round(step));
     var out = [];
     for (var v = Math.floor(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(+v.toPrecision(12));
     if (out[out.length - 1] < hi) out.push(+(out[out.length - 1] + step).toPrecision(12));
@@ -62,7 +63,8 @@
     }
     var xs = [], ys = [];
     series.forEach(function (s) { s.points.forEach(function (p) { xs.push(+p[0]); ys.push(+p[1]); }); });
-    var xt = niceTicks(Math.min.apply(null, xs), Math.max.apply(null, xs), Math.min(8, Math.max(2, xs.length)));
+    var xt = niceTicks(Math.min.apply(null, xs), Math.max.apply(null, xs), Math.min(8, Math.max(2, xs.length)),
+                       opts.xInteger);
     var yt = niceTicks(Math.min.apply(null, ys), Math.max.apply(null, ys), 5);
     var x0 = xt[0], x1 = xt[xt.length - 1], y0 = yt[0], y1 = yt[yt.length - 1];
     var W = width - m.l - m.r, H = height - m.t - m.b;
