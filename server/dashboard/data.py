@@ -24,9 +24,13 @@ import logging
 import math
 import re
 import sqlite3
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +124,12 @@ def _rows(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...] = ()) -> l
     return conn.execute(sql, params).fetchall()
 
 
+@lru_cache(maxsize=64)
 def _config(config_yaml: str | None) -> dict[str, Any]:
+    """The resolved config as a dict (cached: treat as read-only)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        cfg = yaml.safe_load(config_yaml or "") or {}
+        cfg = yaml.load(config_yaml or "", Loader=loader) or {}  # noqa: S506 - a safe loader
     except yaml.YAMLError:
         return {}
     return cfg if isinstance(cfg, dict) else {}
@@ -399,41 +406,9 @@ def _stage_timeline(conn: sqlite3.Connection, run_id: str, cfg: dict[str, Any], 
     return out
 
 
-def _train_metrics(conn: sqlite3.Connection, run_id: str) -> list[tuple[int | None, str, str, float | None]]:
-    return [(r[0], str(r[1]), str(r[2]), r[3]) for r in _rows(
-        conn, "SELECT round, site, key, value FROM site_metrics WHERE run_id = ? AND stage = 'train' ORDER BY id",
-        (run_id,))]
-
-
-def _loss_series(train: list[tuple[int | None, str, str, float | None]]) -> dict[str, Any]:
-    """Consortium (n-weighted) and per-site training loss per backbone, by round."""
-    loss: dict[tuple[int, str, str], float] = {}
-    n: dict[tuple[int, str, str], float] = {}
-    site_mean: dict[str, dict[int, float]] = defaultdict(dict)
-    for rnd, site, key, value in train:
-        if rnd is None or value is None:
-            continue
-        if key == "train-loss":
-            site_mean[site][int(rnd)] = float(value)
-        elif key.endswith("/train-loss"):
-            loss[(int(rnd), site, key[: -len("/train-loss")])] = float(value)
-        elif key.endswith("/n"):
-            n[(int(rnd), site, key[:-2])] = float(value)
-    by_site: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
-    sums: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for (rnd, site, bb), v in sorted(loss.items()):
-        by_site[site][bb].append([rnd, v])
-        w = n.get((rnd, site, bb), 1.0) or 0.0
-        acc = sums[(bb, rnd)]
-        acc[0] += w * v
-        acc[1] += w
-    consortium: dict[str, list[list[float]]] = defaultdict(list)
-    for (bb, rnd), (s, w) in sorted(sums.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        if w > 0:
-            consortium[bb].append([rnd, s / w])
-    for site, series in site_mean.items():
-        by_site[site]["all backbones (mean)"] = [[r, v] for r, v in sorted(series.items())]
-    return {"consortium": dict(consortium), "sites": {s: dict(v) for s, v in sorted(by_site.items())}}
+def _is_epsilon(key: str) -> bool:
+    k = key.lower()
+    return k == "epsilon" or k.endswith("/epsilon") or k.endswith("-epsilon") or k.startswith("epsilon")
 
 
 def _is_dsc(key: str) -> bool:
@@ -441,13 +416,106 @@ def _is_dsc(key: str) -> bool:
     return "dsc" in k or "dice" in k
 
 
-def _is_epsilon(key: str) -> bool:
-    k = key.lower()
-    return k == "epsilon" or k.endswith("/epsilon") or k.endswith("-epsilon") or k.startswith("epsilon")
+class _MetricIndex:
+    """What the dashboard needs from a run's ``site_metrics``, aggregated incrementally.
+
+    The store only ever appends metric rows, so each request reads just the rows added since the
+    previous one (``id > last_id``, a rowid range) instead of the tens of thousands a long run holds.
+    A metric logged again for the same round (a resumed run re-running a round) replaces the old value.
+    """
+
+    def __init__(self) -> None:
+        self.last_id = 0
+        self.rounds: dict[str, set[int]] = defaultdict(set)
+        self.patients: dict[str, int] = {}
+        self.epsilon: dict[str, float] = {}
+        self.loss: dict[tuple[int, str, str], float] = {}
+        self.n: dict[tuple[int, str, str], float] = {}
+        self.site_mean: dict[str, dict[int, float]] = defaultdict(dict)
+        self.dsc: list[dict[str, Any]] = []
+        self.aucs: list[dict[str, Any]] = []
+        self._series: dict[str, Any] | None = None
+
+    def update(self, conn: sqlite3.Connection, run_id: str) -> None:
+        rows = _rows(conn, "SELECT id, stage, round, site, split, key, value, n, created_at FROM site_metrics "
+                           "NOT INDEXED WHERE id > ? AND run_id = ? ORDER BY id", (self.last_id, run_id))
+        for _id, stage, rnd, site, split, key, value, n, created in rows:
+            site, key = str(site), str(key)
+            train = stage == "train" and rnd is not None
+            if train:
+                self.rounds[site].add(int(rnd))
+            if value is None:
+                continue
+            if train:
+                if key == "train-loss":
+                    self.site_mean[site][int(rnd)] = float(value)
+                elif key.endswith("/train-loss"):
+                    self.loss[(int(rnd), site, key[: -len("/train-loss")])] = float(value)
+                elif key.endswith("/n"):
+                    self.n[(int(rnd), site, key[:-2])] = float(value)
+                elif key == "num-examples":
+                    self.patients[site] = int(value)
+            if _is_epsilon(key) and not site.startswith("cohort:"):
+                self.epsilon[site] = max(float(value), self.epsilon.get(site, float("-inf")))
+            dsc, auc = _is_dsc(key), stage != "train" and key.lower().endswith("auc")
+            if dsc or auc:
+                (self.dsc if dsc else self.aucs).append(
+                    {"stage": stage, "round": rnd, "site": site, "split": split, "key": key, "value": _finite(value),
+                     "n": n, "created_at": created})
+        if rows:
+            self.last_id = int(rows[-1][0])
+            self._series = None
+
+    def loss_series(self) -> dict[str, Any]:
+        """Consortium (n-weighted) and per-site training loss per backbone, by round (6 decimals)."""
+        if self._series is None:
+            self._series = self._build_series()
+        return self._series
+
+    def _build_series(self) -> dict[str, Any]:
+        by_site: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+        sums: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for (rnd, site, bb), v in sorted(self.loss.items()):
+            by_site[site][bb].append([rnd, round(v, 6)])
+            w = self.n.get((rnd, site, bb), 1.0) or 0.0
+            acc = sums[(bb, rnd)]
+            acc[0] += w * v
+            acc[1] += w
+        consortium: dict[str, list[list[float]]] = defaultdict(list)
+        for (bb, rnd), (s, w) in sorted(sums.items()):
+            if w > 0:
+                consortium[bb].append([rnd, round(s / w, 6)])
+        for site, series in self.site_mean.items():
+            by_site[site]["all backbones (mean)"] = [[r, round(v, 6)] for r, v in sorted(series.items())]
+        return {"consortium": dict(consortium), "sites": {s: dict(v) for s, v in sorted(by_site.items())}}
 
 
-def _site_panel(conn: sqlite3.Connection, run_id: str, train: list[tuple[int | None, str, str, float | None]],
-                others: list[dict[str, Any]], events: list[dict[str, Any]],
+_INDEX_LOCK = threading.Lock()
+_INDEXES: OrderedDict[tuple[str, str], tuple[tuple[Any, ...], _MetricIndex]] = OrderedDict()
+_INDEXES_KEPT = 32
+
+
+@contextmanager
+def _metric_index(ref: RunRef, conn: sqlite3.Connection, created_at: str) -> Iterator[_MetricIndex]:
+    """The run's metric index, brought up to date, held under a lock while the caller reads it."""
+    st = ref.db.stat()
+    identity = (st.st_dev, st.st_ino, created_at)
+    key = (str(ref.db), ref.run_id)
+    with _INDEX_LOCK:
+        cached = _INDEXES.get(key)
+        index = cached[1] if cached is not None and cached[0] == identity else _MetricIndex()
+        top = _rows(conn, "SELECT MAX(id) FROM site_metrics")[0][0] or 0
+        if top < index.last_id:  # a different record under the same name: start again
+            index = _MetricIndex()
+        index.update(conn, ref.run_id)
+        _INDEXES[key] = (identity, index)
+        _INDEXES.move_to_end(key)
+        while len(_INDEXES) > _INDEXES_KEPT:
+            _INDEXES.popitem(last=False)
+        yield index
+
+
+def _site_panel(conn: sqlite3.Connection, run_id: str, facts: _MetricIndex, events: list[dict[str, Any]],
                 rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     sites: dict[str, dict[str, Any]] = {}
 
@@ -459,19 +527,13 @@ def _site_panel(conn: sqlite3.Connection, run_id: str, train: list[tuple[int | N
                            "bytes_to_site": 0, "bytes_from_site": 0, "epsilon": None, "joined_at": None}
         return sites[name]
 
-    participated: dict[str, set[int]] = defaultdict(set)
-    for rnd, s, key, value in train:
-        if rnd is not None:
-            participated[s].add(int(rnd))
-        if key == "num-examples" and value is not None:
-            site(s)["training_patients"] = int(value)
-        if _is_epsilon(key) and value is not None:
-            cur = site(s)["epsilon"]
-            site(s)["epsilon"] = value if cur is None else max(cur, value)
-    for m in others:
-        if _is_epsilon(m["key"]) and m["value"] is not None and not m["site"].startswith("cohort:"):
-            cur = site(m["site"])["epsilon"]
-            site(m["site"])["epsilon"] = m["value"] if cur is None else max(cur, m["value"])
+    participated: dict[str, set[int]] = facts.rounds
+    for name in participated:
+        site(name)
+    for name, n in facts.patients.items():
+        site(name)["training_patients"] = n
+    for name, eps in facts.epsilon.items():
+        site(name)["epsilon"] = eps
     sent_extra: dict[str, set[int]] = defaultdict(set)
     for e in events:
         s = e["site"]
@@ -552,29 +614,21 @@ def run_detail(ref: RunRef, runs_root: Path, *, series: bool = True) -> dict[str
                                  " train_loss, bytes_down, bytes_up, seconds FROM rounds WHERE run_id = ?"
                                  " ORDER BY stage, round", (ref.run_id,))
         ]
-        train = _train_metrics(conn, ref.run_id)
-        others = [
-            {"stage": r[0], "round": r[1], "site": str(r[2]), "split": r[3], "key": str(r[4]),
-             "value": _finite(r[5]), "n": r[6], "created_at": r[7]}
-            for r in _rows(conn, "SELECT stage, round, site, split, key, value, n, created_at FROM site_metrics"
-                                 " WHERE run_id = ? AND stage != 'train' ORDER BY id", (ref.run_id,))
-        ]
         events = [
             {"ts": r[0], "level": r[1], "kind": r[2], "site": r[3], "round": r[4], "message": r[5],
              "detail": json.loads(r[6]) if r[6] else {}}
             for r in _rows(conn, "SELECT ts, level, kind, site, round, message, detail FROM events WHERE run_id = ?"
                                  " ORDER BY id", (ref.run_id,))
         ]
-        sites = _site_panel(conn, ref.run_id, train, others, events, rounds)
+        with _metric_index(ref, conn, run["created_at"]) as facts:
+            sites = _site_panel(conn, ref.run_id, facts, events, rounds)
+            dsc, aucs = list(facts.dsc), list(facts.aucs)
+            loss = facts.loss_series() if series else None
         artefacts = [
             {"kind": r[0], "path": r[1], "bytes": r[2], "created_at": r[3], "sha256": r[4]}
             for r in _rows(conn, "SELECT kind, path, bytes, created_at, sha256 FROM artefacts WHERE run_id = ?"
                                  " ORDER BY id", (ref.run_id,))
         ]
-    dsc = [m for m in others if _is_dsc(m["key"])]
-    dsc += [{"stage": "train", "round": rnd, "site": s, "split": "train", "key": k, "value": v, "n": None,
-             "created_at": None} for rnd, s, k, v in train if _is_dsc(k)]
-    aucs = [m for m in others if m["key"].lower().endswith("auc")]
     present = [a for a in artefacts if (ref.run_dir / a["path"]).exists()]
     out: dict[str, Any] = {
         "run": {**run, "dp": bool(_get(cfg, "privacy.dp", False)), "backbone": _get(cfg, "train.backbone")},
@@ -594,7 +648,7 @@ def run_detail(ref: RunRef, runs_root: Path, *, series: bool = True) -> dict[str
         "generated_at": now.isoformat(timespec="milliseconds"),
     }
     if series:
-        out["loss"] = _loss_series(train)
+        out["loss"] = loss
     return out
 
 
@@ -661,10 +715,11 @@ def compare_runs(refs: list[RunRef], runs_root: Path) -> dict[str, Any]:
             loss = [[int(r[0]), _finite(r[1])] for r in _rows(
                 store.conn, "SELECT round, train_loss FROM rounds WHERE run_id = ? AND stage = 'train' AND "
                             "status = 'completed' ORDER BY round", (ref.run_id,)) if _finite(r[1]) is not None]
-            train = _train_metrics(store.conn, ref.run_id)
+            with _metric_index(ref, store.conn, run["created_at"]) as facts:
+                backbone_loss = facts.loss_series()["consortium"]
         runs.append({"run": {**run, "dp": bool(_get(cfg, "privacy.dp", False)),
                              "rounds_total": _get(cfg, "federation.rounds")},
-                     "loss": loss, "backbone_loss": _loss_series(train)["consortium"]})
+                     "loss": loss, "backbone_loss": backbone_loss})
         flat.append(_flatten(cfg))
         for r in _csv(ref, runs_root, "tables/table3_performance.csv"):
             t3.setdefault((r.get("model", ""), r.get("cohort", "")), [None] * len(refs))[i] = _finite(r.get("auc"))

@@ -68,6 +68,7 @@ def write_synthetic_run(
     round_delay: float = 0.0,
     on_round: Callable[[int], None] | None = None,
     drop_site_in_round: int | None = 2,
+    checkpoints: bool = False,
 ) -> Path:
     """Write a made-up run to ``runs_root/run_id`` through :class:`~server.store.RunStore`.
 
@@ -99,6 +100,8 @@ def write_synthetic_run(
     drop_site_in_round : int, optional
         In this round the last training site does not reply (a ``site_dropped`` event) and the
         first site's update is rejected; it rejoins in the next round.
+    checkpoints : bool, default False
+        Write a (tiny) checkpoint file and its artefact row every round, as the orchestrator does.
 
     Returns
     -------
@@ -164,14 +167,18 @@ def write_synthetic_run(
                 if dropped:
                     store.event(run_id, "site_dropped", f"{dropped} did not reply within 3600 s", level="warning",
                                 site=dropped, round=rnd, detail={"stage": "train"})
-                    record_node_status(store, run_id, [n for n in nodes if node_ids[n.node_id] != dropped],
-                                       node_ids, roles=roles)
                 if rejected:
                     store.event(run_id, "update_rejected", f"{rejected}: update norm 41.2 is 12.3x the median of "
                                 "the other sites (3.35); federation.max_update_norm_ratio is 10; not averaged in",
                                 level="warning", site=rejected, round=rnd)
-                if drop_site_in_round is not None and rnd == drop_site_in_round + 1:
-                    record_node_status(store, run_id, nodes, node_ids, roles=roles)
+                # liveness is polled every round (the orchestrator's call); a dropped site is not listed
+                record_node_status(store, run_id, [n for n in nodes if node_ids[n.node_id] != dropped], node_ids,
+                                   roles=roles)
+                if checkpoints:
+                    ckpt = run_dir / "checkpoints" / f"round_{rnd:04d}.npz"
+                    ckpt.parent.mkdir(exist_ok=True)
+                    ckpt.write_bytes(b"synthetic checkpoint %d" % rnd)
+                    store.add_artefact(run_id, "checkpoint", ckpt, run_dir, meta={"round": rnd})
                 store.finish_round(run_id, "train", rnd, n_replied=len(ok), n_failed=len(train_sites) - len(ok),
                                    train_loss=float(np.mean(losses)), bytes_down=model_bytes * len(train_sites),
                                    bytes_up=model_bytes * len(ok), seconds=float(5 + rng.random()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -348,3 +349,26 @@ def test_symlinked_run_folder_pointing_outside_is_not_a_run(tmp_path: Path) -> N
     with TestClient(create_app(root, TOKEN)) as c:
         assert c.get("/api/runs", headers=AUTH).json()["runs"] == []
         assert c.get("/api/runs/foreign", headers=AUTH).status_code == 404
+
+
+def test_cached_metric_aggregates_follow_new_rows_and_replaced_records(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_synthetic_run(root, "r", n_rounds=2, n_sites=2, finish=False, drop_site_in_round=None)
+    with TestClient(create_app(root, TOKEN)) as c:
+        before = c.get("/api/runs/r", headers=AUTH).json()
+        with RunStore.open_run_dir(root / "r") as store:
+            store.start_round("r", "train", 3, n_sent=2)
+            store.log_metrics("r", "train", "site_01", {"pre_t2w/train-loss": 0.125, "pre_t2w/n": 10.0,
+                                                        "num-examples": 77.0}, round=3, split="train")
+            store.finish_round("r", "train", 3, n_replied=1, n_failed=1, train_loss=0.125)
+        after = c.get("/api/runs/r", headers=AUTH).json()
+        # the same path now holds a different record (deleted and written again)
+        shutil.rmtree(root / "r")
+        write_synthetic_run(root, "r", n_rounds=1, n_sites=2, finish=False, drop_site_in_round=None, seed=9)
+        replaced = c.get("/api/runs/r", headers=AUTH).json()
+    site = {s["site"]: s for s in after["sites"]}["site_01"]
+    assert {s["site"]: s for s in before["sites"]}["site_01"]["rounds_joined"] == 2
+    assert site["rounds_joined"] == 3 and site["training_patients"] == 77
+    assert after["loss"]["sites"]["site_01"]["pre_t2w"][-1] == [3, 0.125]
+    assert {s["site"]: s for s in replaced["sites"]}["site_01"]["rounds_joined"] == 1
+    assert len(replaced["loss"]["sites"]["site_01"]["pre_t2w"]) == 1
