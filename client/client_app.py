@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -58,6 +59,8 @@ app = ClientApp()
 
 _CACHE: dict[tuple[str, str, bool], SiteTables] = {}
 SITE_ERROR_CODE = 4200
+POLICY_REFUSED_CODE = 4300
+"""Error code of a reply refused by the site's own policy (the reason names the rule)."""
 
 
 def site_identity(node_config: dict, sim_sites: list[dict] | None) -> dict:
@@ -107,24 +110,35 @@ def _bytes(content: RecordDict) -> int:
     return int(sum(r.count_bytes() for r in content.values()))
 
 
-def audit(algo: SiteTables, msg: Message, reply: Message) -> Message:
+def audit(algo: SiteTables, msg: Message, reply: Message, *, refused: dict[str, str] | None = None) -> Message:
     """Append what this site received and sent to ``<cache>/audit.jsonl`` (the site's own record).
 
     Hospital IT can read there every message the server sent and, for every reply, which records
-    and keys left the site and how many bytes.
+    and keys left the site and how many bytes, and every request its policy refused with the rule
+    (``rectalfl site audit`` shows it; ``--html`` for the data-protection officer). ``refused``:
+    query -> policy rule, for statistics queries the policy turned down.
     """
-    entry = {
+    conf = msg.content["config"] if "config" in msg.content else {}
+    entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "message_type": msg.metadata.message_type,
-        "server_round": int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0,
+        "server_round": int(conf.get("server-round", 0)) if conf else 0,
         "bytes_in": _bytes(msg.content),
     }
+    if conf and "run-id" in conf:
+        entry["run_id"] = str(conf["run-id"])
     if reply.has_error():
         entry.update(error=reply.error.reason, bytes_out=0, sent={})
+        if reply.error.code == POLICY_REFUSED_CODE:
+            m = re.search(r"refused by site policy \(([a-z_]+)\)", reply.error.reason or "")
+            entry.update(refused=reply.error.reason, policy_rule=m.group(1) if m else None)
     else:
         entry.update(bytes_out=_bytes(reply.content),
                      sent={name: sorted(rec.keys()) if not isinstance(rec, ArrayRecord) else
                            f"{len(rec)} arrays" for name, rec in reply.content.items()})
+    if refused:
+        entry.update(refused="; ".join(f"{q}: {r}" for q, r in sorted(refused.items())),
+                     policy_rule=",".join(sorted(set(refused.values()))))
     algo.cache_dir.mkdir(parents=True, exist_ok=True)
     with open(algo.cache_dir / "audit.jsonl", "a") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -227,9 +241,6 @@ def fusion(msg: Message, context: Context) -> Message:
     return _reply(msg, context, _fusion, light=True)
 
 
-POLICY_REFUSED_CODE = 4300
-
-
 def _site_service(algo: Any, context: Context) -> Any:
     """This site's statistics service, under its own rules (node config / its cache; never the message)."""
     from client.site_policy import load_rules, read_stamps, secagg_factory
@@ -242,7 +253,7 @@ def _site_service(algo: Any, context: Context) -> Any:
     return StatsService(ctx)
 
 
-def _sitestats(algo: Any, msg: Message, context: Context) -> RecordDict:
+def _sitestats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[str, str]]:
     from shared.wire import pack, unpack
 
     conf = msg.content["config"]
@@ -252,8 +263,9 @@ def _sitestats(algo: Any, msg: Message, context: Context) -> RecordDict:
     arrays = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
     request = unpack(str(conf["request"]), arrays)
     reply = _site_service(algo, context).handle(run, request)
+    refused = {str(q): str(r.get("rule", "?")) for q, r in (reply.get("refused") or {}).items()}
     text, out = pack(reply)
-    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)})
+    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)}), refused
 
 
 @app.evaluate("sitestats")
@@ -264,9 +276,9 @@ def sitestats(msg: Message, context: Context) -> Message:
     algo = None
     try:
         algo = _algorithm(msg, context, light=True)
-        content = _sitestats(algo, msg, context)
+        content, refused = _sitestats(algo, msg, context)
         content["site"] = ConfigRecord({"name": algo.site})
-        return audit(algo, msg, Message(content, reply_to=msg))
+        return audit(algo, msg, Message(content, reply_to=msg), refused=refused)
     except PolicyRefusal as exc:
         logger.warning("%s", exc)
         reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),

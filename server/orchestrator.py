@@ -191,6 +191,7 @@ class Orchestrator:
         ids = self.wait_for_nodes()
         with self.store.stage(self.run_id, "discover"):
             self.nodes = sorted(self._describe(ids), key=lambda n: n.site)
+        self.poll_liveness()
         if not any(n.role == "train" for n in self.nodes):
             raise FederationError("no training site answered the discovery query")
         return self.nodes
@@ -229,6 +230,12 @@ class Orchestrator:
             changed = True
         return changed
 
+    def poll_liveness(self) -> None:
+        """Record each site's online status and last heartbeat in the run record (for the dashboard)."""
+        from server.liveness import poll_grid
+
+        poll_grid(self.grid, self.store, self.run_id, {n.node_id: n.site for n in self.nodes}, roles=self.roles())
+
     @property
     def train_nodes(self) -> list[SiteNode]:
         return [n for n in self.nodes if n.role == "train"]
@@ -250,6 +257,7 @@ class Orchestrator:
                 t0 = time.perf_counter()
                 if self.refresh_nodes(rnd):
                     view = _SubsetGrid(self.grid, [n.node_id for n in self.train_nodes])
+                self.poll_liveness()
                 # weights travel packed (one array per dtype): Flower moves each Array as its own request
                 packed, layout = pack_arrays(record_to_arrays(arrays))
                 conf = self._config(**{LAYOUT_KEY: layout}, **({"proximal-mu": self.cfg.federation.proximal_mu}
