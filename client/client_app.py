@@ -169,8 +169,17 @@ def _reply(msg: Message, context: Context, work: Callable[[Any, Message], Record
         return audit(algo, msg, reply) if algo else reply
 
 
-def _describe(algo: Any, msg: Message) -> RecordDict:
-    info = {"site": algo.site, **algo.describe()}
+def _describe(algo: Any, msg: Message, context: Context) -> RecordDict:
+    """Who this site is: its name, its own disclosure floor and role, and patients per split.
+
+    A split count below the site's floor ``k`` is sent as -1 ("fewer than k"), never exactly.
+    """
+    from client.site_policy import load_rules
+
+    rules = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg)
+    k = rules.policy.min_cell_count
+    counts = {name: (int(v) if v == 0 or v >= k else -1) for name, v in algo.describe().items()}
+    info = {"site": algo.site, **counts, "min-cell-count": k, "role": rules.policy.role or ""}
     return RecordDict({"info": ConfigRecord({"info": pack_json(info)})})
 
 
@@ -220,7 +229,7 @@ def _fusion(algo: Any, msg: Message) -> RecordDict:
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Who this site is and how many patients per split (counts only)."""
-    return _reply(msg, context, _describe)
+    return _reply(msg, context, lambda algo, m: _describe(algo, m, context))
 
 
 @app.train()

@@ -130,6 +130,7 @@ class Orchestrator:
         self.timeout = timeout
         self.expected_nodes = expected_nodes
         self.nodes: list[SiteNode] = []
+        self.floors: dict[str, int] = {}
         self.cfg_yaml = cfg.to_yaml()
 
     # ------------------------------------------------------------------ messaging
@@ -202,8 +203,13 @@ class Orchestrator:
         nodes = []
         for m in ok:
             info = unpack_json(str(m.content["info"]["info"]))
-            role = "external" if info["site"] in self.external else "train"
-            counts = {k: int(v) for k, v in info.items() if k != "site"}
+            own_role = str(info.get("role") or "")
+            role = own_role or ("external" if info["site"] in self.external else "train")
+            if own_role and (own_role == "external") != (info["site"] in self.external):
+                self.store.event(self.run_id, "role_from_site", f"{info['site']} is {own_role} by its own policy",
+                                 level="warning", site=info["site"])
+            counts = {k: int(v) for k, v in info.items() if k.startswith("patients-")}
+            self.floors[info["site"]] = int(info.get("min-cell-count", 0))
             nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))
             self.store.event(self.run_id, "site_joined", f"{info['site']} joined as {role}", site=info["site"],
                              detail=counts)
@@ -353,6 +359,10 @@ class Orchestrator:
 
     def roles(self) -> dict[str, str]:
         return {n.site: n.role for n in self.nodes}
+
+    def min_count(self) -> int:
+        """The disclosure floor statistics ask for: the run's, or the strictest site's own if higher."""
+        return max([self.cfg.privacy.min_cell_count, *self.floors.values()])
 
     def signatures(self, arrays: ArrayRecord) -> dict[str, int]:
         """Every site (training and external) computes its signatures and keeps them; counts come back."""

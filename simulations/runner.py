@@ -55,6 +55,9 @@ def run_simulation(cfg: RectalFLConfig, *, run_dir: Path | None = None, resume: 
         prepare_sites(cfg, workers=workers)
     run_dir = (Path(run_dir) if run_dir else new_run_dir(cfg)).resolve()
     sites, external = simulation_sites(cfg)
+    from simulations.sites import prepare_site_policies
+
+    prepare_site_policies(cfg, sites, external)  # each simulated hospital's own policy, key and roster
     t0 = time.perf_counter()
     if cfg.federation.mode == "federated":
         _run_flower_simulation(cfg, run_dir, sites, external, resume=resume)
