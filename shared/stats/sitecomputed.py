@@ -183,10 +183,13 @@ def protocol_class(name: str) -> type[SiteComputedProtocol]:
 
         for mod in PROTOCOL_MODULES:
             try:
-                importlib.import_module(mod)
+                m = importlib.import_module(mod)
             except ModuleNotFoundError as exc:
                 if exc.name != mod:
                     raise
+                continue
+            for cls in getattr(m, "SITE_PROTOCOLS", {}).values():
+                _REGISTRY.setdefault(cls.name, cls)
     if name not in _REGISTRY:
         raise KeyError(f"unknown statistics protocol {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
