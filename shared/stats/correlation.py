@@ -33,7 +33,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .sitecomputed import Contribution, SiteComputedProtocol, State, as_count, small_count, withheld
+from .sitecomputed import (
+    Contribution,
+    SiteComputedProtocol,
+    State,
+    as_count,
+    check_consistent,
+    small_count,
+    withheld,
+)
 
 
 def check_features(x: Any, n_features: int | None = None) -> np.ndarray:
@@ -229,6 +237,7 @@ class SpearmanProtocol(SiteComputedProtocol):
             return {"phase": "histogram", "n": n, "edges": edges.tolist(), "refined": False}, False
         if state["phase"] == "histogram":
             hist = as_count(totals["hist"], "hist").astype(np.float64)
+            check_consistent(bool(np.all(hist.sum(axis=1) == state["n"])), "histogram counts do not add up to n")
             if self.refine and not state["refined"]:
                 state.update(edges=quantile_edges(hist, np.asarray(state["edges"])).tolist(), refined=True)
                 return state, False
@@ -236,7 +245,13 @@ class SpearmanProtocol(SiteComputedProtocol):
             state["phase"] = "ranks"
             return state, False
         n = state["n"]
-        rho = _rho_from_rank_products(np.asarray(totals["rank_products"]), n)
+        rp = np.asarray(totals["rank_products"])
+        hist = np.asarray(state["hist"], dtype=np.float64)
+        # sum_i r_fi^2 is fixed by the pooled histogram: the diagonal must equal it.
+        expected_diag = (hist * midranks_from_hist(hist) ** 2).sum(axis=1)
+        check_consistent(bool(np.allclose(np.diag(rp), expected_diag, rtol=1e-9)) and bool(np.allclose(rp, rp.T)),
+                         "rank products do not match the pooled histogram")
+        rho = _rho_from_rank_products(rp, n)
         norm_r, err = _rank_geometry(np.asarray(state["hist"], dtype=np.float64), n)
         state.update(phase="done", rho=rho.tolist(), bound=spearman_bound(rho, norm_r, err).tolist())
         for key in ("hist", "edges"):

@@ -26,7 +26,15 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy import stats
 
-from .sitecomputed import Contribution, SiteComputedProtocol, State, as_count, small_count, withheld
+from .sitecomputed import (
+    Contribution,
+    SiteComputedProtocol,
+    State,
+    as_count,
+    check_consistent,
+    small_count,
+    withheld,
+)
 
 ICC_KINDS = ("icc2", "icc3")
 
@@ -174,6 +182,11 @@ class ICCProtocol(SiteComputedProtocol):
             mu = rater_means.mean(axis=0)
             ss_cols = n * ((rater_means - mu) ** 2).sum(axis=0)
             return {"phase": "squares", "n": n, "mu": mu.tolist(), "ss_cols": ss_cols.tolist()}, False
+        ssm, sst = np.asarray(totals["ss_subject_means"]), np.asarray(totals["ss_total"])
+        check_consistent(bool(np.all(ssm >= 0) and np.all(sst >= 0)), "negative sums of squares")
+        # sum_ij (x - mu)^2 >= k sum_i (m_i - mu)^2 + n sum_j (r_j - mu)^2 for honest totals
+        check_consistent(bool(np.all(sst + 1e-9 * (1 + sst) >= self.n_raters * ssm + np.asarray(state["ss_cols"]))),
+                         "total sum of squares smaller than its between-subject and between-rater parts")
         state["ss_rows"] = (self.n_raters * np.asarray(totals["ss_subject_means"])).tolist()
         state["ss_tot"] = np.asarray(totals["ss_total"]).tolist()
         state["phase"] = "done"

@@ -48,7 +48,15 @@ import numpy as np
 from scipy import stats
 
 from .correlation import check_features
-from .sitecomputed import Contribution, SiteComputedProtocol, State, as_count, small_count, withheld
+from .sitecomputed import (
+    Contribution,
+    SiteComputedProtocol,
+    State,
+    as_count,
+    check_consistent,
+    small_count,
+    withheld,
+)
 
 # --------------------------------------------------------------------------------------------
 # Building blocks shared by the pooled reference and the protocol
@@ -269,8 +277,13 @@ class KMeansProtocol(SiteComputedProtocol):
                   "centroids": [grand.tolist()], "inits": {"1": [grand.tolist()]}, "fits": {}, "status": "running"}
             return self._next_after_init(st), False
         count = as_count(totals["count"], "count").astype(np.float64)
+        check_consistent(int(count.sum()) == state["n"], "cluster counts do not add up to the patients of round 1")
         cents = np.asarray(state["centroids"], dtype=np.float64)
         if ph == "init":
+            sm, sc = np.asarray(totals["sum"]), np.asarray(totals["scatter"])
+            tr = np.trace(sc, axis1=1, axis2=2)
+            check_consistent(bool(np.all(tr * count + 1e-9 * (1 + tr * count) >= (sm**2).sum(axis=1))),
+                             "cluster sums exceed what their scatter allows (Cauchy-Schwarz)")
             new, why = pca_part_split(cents, count, np.asarray(totals["sum"]), np.asarray(totals["scatter"]))
             if new is None:
                 state["status"] = why
@@ -280,6 +293,7 @@ class KMeansProtocol(SiteComputedProtocol):
             state["inits"][str(new.shape[0])] = new.tolist()
             return self._next_after_init(state), False
         # lloyd
+        check_consistent(bool(np.all(np.asarray(totals["sse"]) >= 0)), "negative within-cluster sums of squares")
         state["iteration"] += 1
         new = lloyd_update(cents, count, np.asarray(totals["sum"]))
         converged = bool(np.array_equal(new, cents))

@@ -95,6 +95,18 @@ def as_count(x: float | np.ndarray, name: str) -> np.ndarray:
     return r.astype(np.int64)
 
 
+def check_consistent(ok: bool, what: str) -> None:
+    """Plausibility check on totals: raise when an invariant of honest totals fails.
+
+    Secure aggregation hides the totals from the server but does not by itself stop it from
+    adding an offset to the aggregate; these checks (counts add up to the patients of round 1,
+    information matrices are positive semi-definite, ...) catch offsets that break an invariant.
+    Integrity against every offset needs verifiable aggregation (a secure-aggregation matter).
+    """
+    if not ok:
+        raise ValueError(f"totals are inconsistent ({what}); the aggregate was corrupted or tampered with")
+
+
 class SiteComputedProtocol(ABC):
     """Base class of a site-computed federated protocol; see the module docstring.
 

@@ -44,6 +44,7 @@ from .sitecomputed import (
     SiteComputedProtocol,
     State,
     as_count,
+    check_consistent,
     small_count,
     withheld,
 )
@@ -585,8 +586,11 @@ class _Newton:
         beta = np.asarray(st["beta"], dtype=np.float64)
         if not (np.isfinite(ll) and np.all(np.isfinite(grad)) and np.all(np.isfinite(info))):
             raise ValueError("log-likelihood, score or information total is not finite")
-        if not np.allclose(info, info.T, rtol=1e-8, atol=1e-10 * (1 + np.abs(info).max())):
-            raise ValueError("information total is not symmetric; the aggregate is corrupt")
+        scale = 1.0 + float(np.abs(info).max())
+        check_consistent(bool(np.allclose(info, info.T, rtol=1e-8, atol=1e-10 * scale)), "information not symmetric")
+        check_consistent(bool(np.linalg.eigvalsh((info + info.T) / 2).min() >= -1e-8 * scale),
+                         "information not positive semi-definite")
+        check_consistent(ll <= 1e-9 * (1.0 + abs(ll)), "log partial likelihood > 0")
         prev = st["ll_prev"]
         if prev is not None and ll < prev - 1e-12 * (1.0 + abs(prev)):
             if st["halvings"] >= max_halvings:
@@ -982,13 +986,18 @@ class TimeDependentAUCProtocol(SiteComputedProtocol):
             d = as_count(totals["events"], "events")
             c = as_count(totals["censored"], "censored")
             g = censoring_survival(c, d)
-            return {"phase": "histograms", "g_end": g.tolist()}, False
+            return {"phase": "histograms", "g_end": g.tolist(), "n_total": int(d.sum() + c.sum())}, False
         if state["phase"] == "histograms":
             wc = np.asarray(totals["case_weight"])
             nc = as_count(totals["case_count"], "case_count")
             nn = as_count(totals["control_count"], "control_count").astype(np.float64)
             m, n = int(nc[0].sum()), int(nn[0].sum())
             w_total = float(wc[0].sum())
+            check_consistent(bool(np.all(nc.sum(axis=1) == m) and np.all(nn.sum(axis=1) == n)),
+                             "case/control counts differ between scores")
+            check_consistent(m + n <= state["n_total"], "more cases and controls than patients")
+            check_consistent(bool(np.all(wc >= nc - 1e-9) and np.allclose(wc.sum(axis=1), w_total)),
+                             "IPCW case weights below 1 or differing between scores")
             state.update(phase="placements", n_cases=m, n_controls=n, weights_sum=w_total)
             if m == 0 or n == 0 or w_total <= 0:
                 state.update(phase="done", auc=None)
@@ -1002,6 +1011,10 @@ class TimeDependentAUCProtocol(SiteComputedProtocol):
             state.update(auc=auc.tolist(), grid_bound=bound.tolist(), ctrl_below_half=ctrl_below_half.tolist(),
                          case_above_half=case_above_half.tolist())
             return state, False
+        for key in ("m10", "m01"):
+            mm = np.asarray(totals[key])
+            check_consistent(bool(np.allclose(mm, mm.T) and np.linalg.eigvalsh((mm + mm.T) / 2).min()
+                                  >= -1e-9 * (1 + np.abs(mm).max())), f"{key} not positive semi-definite")
         cov = _td_cov(np.asarray(totals["m10"]), np.asarray(totals["m01"]), state["weights_sum"],
                       state["n_cases"], state["n_controls"])
         state.update(phase="done", cov=cov.tolist())
