@@ -80,6 +80,7 @@ from .sc_common import (
     released_cells,
     withheld,
 )
+from .sc_newton import beta as fit_beta
 from .sc_newton import (
     convergence,
     is_active,
@@ -89,7 +90,6 @@ from .sc_newton import (
     term_layout,
     update,
 )
-from .sc_newton import beta as fit_beta
 from .sitecomputed import COUNT_SPEC, SUM_SPEC, CohortData, Released, SiteComputedProtocol, State, Withheld
 
 logger = logging.getLogger(__name__)

@@ -91,7 +91,15 @@ from .sc_newton import (
     update,
 )
 from .sc_newton import beta as fit_beta
-from .sitecomputed import BIG_SUM_SPEC, COUNT_SPEC, CohortData, Released, SiteComputedProtocol, State, Withheld
+from .sitecomputed import (
+    BIG_SUM_SPEC,
+    COUNT_SPEC,
+    CohortData,
+    Released,
+    SiteComputedProtocol,
+    State,
+    Withheld,
+)
 
 logger = logging.getLogger(__name__)
 
