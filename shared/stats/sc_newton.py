@@ -176,7 +176,7 @@ def update(state: State, fid: str, totals: Mapping[str, np.ndarray]) -> None:
     except np.linalg.LinAlgError:
         step = np.full_like(grad, np.nan)
     if not np.isfinite(step).all():
-        _fail(st, "singular information matrix")
+        _fail(st, "singular information matrix (collinear predictors, or fitted risks at 0/1: separation)")
         state[fid] = st
         return
     if st["max_step"] is not None and np.abs(step).max() > st["max_step"]:
