@@ -71,6 +71,7 @@ from .sc_common import (
     check_percent_threshold,
     check_probabilities,
     class_hist,
+    coarsened,
     column_of,
     display_bin,
     display_edges,
@@ -341,7 +342,7 @@ class CalibrationSite(SiteComputedProtocol):
         cells = cells_payload(count, ranges, edges)
         sum_p = np.asarray(state["sum_p"], dtype=np.float64)
         cells["sum_p"] = [float(sum_p[s:t].sum()) for s, t in ranges]
-        merged = len(ranges) < self.n_bins
+        merged = coarsened(count, ranges)
         notes = [withheld("calibration.bins", f"calibration bins merged so each holds 0 or >= k={k} positives "
                                               "and negatives (ECE and curve from the merged bins)")] if merged else []
         slope = fit_beta(state, "slope")
@@ -427,7 +428,7 @@ class NetBenefitSite(SiteComputedProtocol):
         nb = net_benefit_from_cells(cells)
         notes = [withheld("net_benefit.cells", f"display cells merged so each holds 0 or >= k={k} positives and "
                                                "negatives; net benefit given at merged-cell edges only")] \
-            if len(ranges) < self.display_bins else []
+            if coarsened(counts, ranges) else []
         return {**out, "released": True, "cells": cells,
                 "curve": {c: [fnum(v) for v in nb[c]] for c in nb.columns}, "withheld": notes}
 

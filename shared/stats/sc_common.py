@@ -220,6 +220,14 @@ def released_cells(counts: np.ndarray, k: int) -> list[tuple[int, int]] | None:
     return ranges
 
 
+def coarsened(counts: np.ndarray, ranges: list[tuple[int, int]]) -> bool:
+    """True when some released cell joins two or more non-empty grid cells (absorbing empty cells
+    coarsens nothing)."""
+    c = np.asarray(counts)
+    c = c.reshape(c.shape[0], -1).sum(axis=1)
+    return any(int((c[s:t] > 0).sum()) > 1 for s, t in ranges)
+
+
 def cells_payload(counts: np.ndarray, ranges: list[tuple[int, int]], edges: np.ndarray) -> dict[str, list]:
     """The released form of merged cells: ``lo``, ``hi`` (grid edges), ``n_neg``, ``n_pos``."""
     c = np.asarray(counts, dtype=np.int64)

@@ -66,6 +66,7 @@ from .sc_common import (
     check_columns,
     check_probabilities,
     class_hist,
+    coarsened,
     column_of,
     display_bin,
     display_edges,
@@ -286,7 +287,7 @@ class ROCSite(SiteComputedProtocol):
             ranges = released_cells(counts, k)
             assert ranges is not None  # class totals are >= k here
             curves[c] = cells_payload(counts, ranges, edges)
-            if len(ranges) < self.display_bins:
+            if coarsened(counts, ranges):
                 notes.append(withheld(f"curve.{c}", f"display cells merged so each holds 0 or >= k={k} "
                                                     "positives and negatives"))
         return {

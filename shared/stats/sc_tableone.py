@@ -56,7 +56,16 @@ from scipy import optimize
 
 from .histogram import weighted_quantile
 from .results import TableOne
-from .sc_common import check_choice, check_column, column_of, fnan, fnum, released_cells, withheld
+from .sc_common import (
+    check_choice,
+    check_column,
+    coarsened,
+    column_of,
+    fnan,
+    fnum,
+    released_cells,
+    withheld,
+)
 from .sitecomputed import BIG_SUM_SPEC, COUNT_SPEC, CohortData, Released, SiteComputedProtocol, State
 from .tableone import QUANTILES, categorical_test, mann_whitney_p, ttest
 
@@ -351,6 +360,7 @@ class TableOneSite(SiteComputedProtocol):
                         rec[f"{name}_lo"] = fnum(a)
                         rec[f"{name}_hi"] = fnum(b)
                     rec["merged_cells"] = len(ranges)
+                    rec["coarsened"] = coarsened(h, ranges)
             groups[g] = rec
         out: dict[str, Any] = {"name": v["name"], "kind": v["kind"], "groups": groups}
         if v["kind"] == "normal":
@@ -411,8 +421,7 @@ class TableOneSite(SiteComputedProtocol):
                     notes.append(withheld(f"table_one.{v['name']}", rec["note"]))
             else:
                 rec = self._continuous_release(state, j, v, k)
-                merged = [g for g, r in rec["groups"].items() if r.get("merged_cells") is not None
-                          and r["merged_cells"] < len(v["edges"]) - 1]
+                merged = [g for g, r in rec["groups"].items() if r.get("coarsened")]
                 if merged:
                     notes.append(withheld(f"table_one.{v['name']}.quantiles",
                                           f"quantiles interpolated within grid cells merged to hold 0 or >= k={k} "
