@@ -19,8 +19,10 @@ agreed floor); otherwise the release holds only ``withheld`` with the reason.
     ``fn -> 0``, and ``fn = 14 - tp`` with ``tp in [7.5, 12.5)`` and ``fn in [0, 2.5)`` pins ``fn = 2``.
     Under the row rule every released row is consistent with at least two values of a small
     cell (tested). Metrics are computed from the released cells; the release then says
-    ``approx: true`` with a ``withheld`` entry "cells below k rounded to base k". Exact releases
-    equal :func:`shared.stats.binary_metrics`.
+    ``approx: true`` with a ``withheld`` entry "cells below k rounded to base k" (like any
+    suppression marker, the flag itself says that some cell held 1 to k-1 patients, not which
+    value). Exact releases equal :func:`shared.stats.binary_metrics`. Released: ``tp, fp, tn, fn``
+    (as released), accuracy, sensitivity, specificity, F1, PPV, NPV, ``approx``.
 
     Known limit: thresholds are on a 0.01 grid, so 99 queries of one column give the pooled class
     counts per 0.01 bin by differencing (not which patient has which score). The site's query
@@ -33,11 +35,16 @@ agreed floor); otherwise the release holds only ``withheld`` with the reason.
     the Newton terms (score, information, log-likelihood) of the two recalibration models
     ``y ~ a + b logit(p)`` (slope) and ``y ~ 1 + offset(logit(p))`` (calibration-in-the-large),
     at the iterates every site derives from the previous totals (:mod:`shared.stats.sc_newton`).
-    Release: Brier score, calibration slope, its model's intercept and the calibration-in-the-large
-    intercept with each fit's ``converged``/``iterations``/``grad_norm``; the reliability curve and
-    ECE from the calibration bins merged until every merged bin holds 0 or >= k positives and 0 or
-    >= k negatives (grid edges only; per merged bin: edges, count, positives, mean predicted).
-    Without merging everything equals :func:`shared.stats.calibration`.
+    Release: ``n``, ``n_pos``, Brier score, calibration slope, its model's intercept and the
+    calibration-in-the-large intercept (each None unless its fit converged) with each fit's
+    ``converged``/``iterations``/``grad_norm``/``reason``; the reliability curve and ECE from the
+    calibration bins merged until every merged bin holds 0 or >= k positives and 0 or >= k
+    negatives (grid edges only; per merged bin: ``lo``, ``hi``, ``n_neg``, ``n_pos`` and the sum
+    of predicted probabilities, i.e. the mean predicted risk over its >= k patients). A slope
+    beyond 50 is taken as separation (the fit fails instead of running to ``max_iter``). Without
+    merging everything equals :func:`shared.stats.calibration`. The Newton sums are encoded with
+    2**-32 resolution up to 2**24 per site: up to ~88 000 patients per site (information entries
+    reach 190 per patient at clipped probabilities).
 
 :class:`NetBenefitSite` (one round)
     Params: ``column``, ``display_bins`` (one of :data:`~shared.stats.sc_common.DISPLAY_BINS`).
@@ -57,6 +64,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from ._checks import check_min_count
 from .classification import calibration_bin_index, is_constant, logit_clipped, metrics_from_counts
 from .results import BinaryMetrics, CalibrationResult
 from .sc_common import (
@@ -95,6 +103,8 @@ from .sitecomputed import COUNT_SPEC, SUM_SPEC, CohortData, Released, SiteComput
 
 logger = logging.getLogger(__name__)
 
+#: A calibration slope beyond this is taken as separation (logit(p) orders the outcome perfectly).
+SLOPE_LIMIT = 50.0
 #: Encoding of sums of logit(p) (|logit| <= 27.7 after clipping) and their squares.
 LOGIT_SPEC = {"bound": float(2**34), "frac_bits": 20}
 
@@ -184,7 +194,7 @@ class ThresholdMetricsSite(SiteComputedProtocol):
         return {"round": 1, "tp": int(c[0]), "fp": int(c[1]), "tn": int(c[2]), "fn": int(c[3])}, True
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         tp, fp, tn, fn = (int(state[x]) for x in ("tp", "fp", "tn", "fn"))
         out: Released = {"protocol": self.name, "column": self.column, "threshold": self.threshold}
         n1, n0 = tp + fn, fp + tn
@@ -268,7 +278,7 @@ class CalibrationSite(SiteComputedProtocol):
 
     def init_state(self) -> State:
         state: State = {"round": 0}
-        new_fit(state, "slope", 2, max_iter=self.max_iter, tol=self.tol)
+        new_fit(state, "slope", 2, max_iter=self.max_iter, tol=self.tol, sep_limit=SLOPE_LIMIT)
         new_fit(state, "citl", 1, max_iter=self.max_iter, tol=self.tol)
         return state
 
@@ -329,7 +339,7 @@ class CalibrationSite(SiteComputedProtocol):
         return new, not (is_active(new, "slope") or is_active(new, "citl"))
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         count = np.asarray(state["count"], dtype=np.int64)
         n, n1 = int(count.sum()), int(count[:, 1].sum())
         out: Released = {"protocol": self.name, "column": self.column, "n_bins": self.n_bins}
@@ -417,7 +427,7 @@ class NetBenefitSite(SiteComputedProtocol):
         return {"round": 1, "counts": np.rint(np.asarray(totals["counts"])).astype(np.int64)}, True
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         counts = np.asarray(state["counts"], dtype=np.int64)
         out: Released = {"protocol": self.name, "column": self.column, "display_bins": self.display_bins}
         if counts[:, 1].sum() < k or counts[:, 0].sum() < k:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._checks import check_min_count
 from .sc_common import withheld
 from .sitecomputed import COUNT_SPEC, CohortData, Released, SiteComputedProtocol, State, Withheld
 
@@ -55,7 +56,7 @@ class CohortSummarySite(SiteComputedProtocol):
         return {"round": 1, "n_neg": int(n[0]), "n_pos": int(n[1])}, True
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         n0, n1 = int(state["n_neg"]), int(state["n_pos"])
         if n0 < k or n1 < k:
             return {"protocol": self.name, "released": False, "withheld": [withheld(

@@ -9,7 +9,11 @@
 * Released cells: :func:`released_cells` merges adjacent grid cells of *pooled* counts until every
   cell holds 0 or >= k patients of every class (grid edges only), repairing the one case where
   :func:`shared.stats.sitecomputed.merge_cells` leaves a class with 0 < count < k in its last
-  cell.
+  cell. What a released cell's edges still say: the greedy merge closes a cell at the grid cell
+  where its counts first qualify, so an interior upper edge shows that the grid cell just below
+  it is not empty (some patient, of some class, lies there at grid resolution); the first cell
+  starts at the grid's start and the last ends at its end (empty grid cells are absorbed), so
+  the extreme patients' positions are not shown.
 * :func:`run_encoded`: :func:`~shared.stats.sitecomputed.run_plain` with what the deployed path
   adds: every site's contribution goes through the fixed-point ring encoding declared by
   :meth:`~shared.stats.sitecomputed.SiteComputedProtocol.layout` (as :mod:`shared.secagg` does),

@@ -62,7 +62,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
-from ._checks import as_binary
+from ._checks import as_binary, check_min_count
 from .logistic import COLUMNS, INTERCEPT, design
 from .logistic import fit as ml_fit
 from .results import SelectionResult
@@ -441,7 +441,7 @@ class LogisticSite(_StandardisedLogistic):
         return state, True
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         out, ok = self._base_release(state, k)
         if not ok:
             return out
@@ -609,7 +609,7 @@ class SelectionSite(_StandardisedLogistic):
         return state, False
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         out, ok = self._base_release(state, k)
         if not ok:
             return out

@@ -21,6 +21,15 @@ the score's there), or ``failed`` with a reason (no convergence in ``max_iter`` 
 singular information, stalled step halving, or - when ``sep_limit`` is set - a coefficient
 beyond it: separation). Iterates are rounded to multiples of 2**-40 so that sites whose linear
 algebra differs in the last bits still hold identical states.
+
+Encoding (secure aggregation): score, information and third-order sums use 2**-32 resolution
+up to 2**24 per site (:data:`~shared.stats.sc_common.NEWTON_SPEC`); on standardised columns
+(``sum z**2 = n - 1``) a site's score is at most ``n``, its information entries at most
+``n / 4`` and its third-order sums at most ``0.1 * n**1.5`` (n = pooled patients), which fits for
+n up to about 1.3e5 in the worst case of one extreme outlier and far more in practice; a site
+whose sums exceed the bound refuses to contribute (``check_contribution`` names the array). The
+log-likelihood uses :data:`~shared.stats.sc_common.LOGLIK_SPEC` (per-patient terms clipped at
+-1000, which only ever signals an overshooting step).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ._checks import check_min_count
 from .histogram import Grid
 from .results import AUCResult, DeLongResult
 from .roc import delong_result
@@ -269,7 +270,7 @@ class ROCSite(SiteComputedProtocol):
         return auc, (cov + cov.T) / 2
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         n1, n0 = int(state["n_pos"]), int(state["n_neg"])
         out: Released = {"protocol": self.name, "columns": list(self.columns), "alpha": self.alpha,
                          "display_bins": self.display_bins, "grid_resolution": GRID_RESOLUTION}

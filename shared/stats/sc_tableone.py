@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
+from ._checks import check_min_count
 from .histogram import weighted_quantile
 from .results import TableOne
 from .sc_common import (
@@ -407,7 +408,7 @@ class TableOneSite(SiteComputedProtocol):
         return out
 
     def release(self, state: State, min_count: int) -> Released:
-        k = int(min_count)
+        k = check_min_count(min_count)
         n0, n1 = (int(x) for x in state["n"])
         out: Released = {"protocol": self.name, "group_labels": self.group_labels}
         if n0 < k or n1 < k:
