@@ -180,3 +180,18 @@ def test_cohort_summary():
     assert run_plain(CohortSummarySite(), sites, min_count=5).result.n == 15
     rel = run_plain(CohortSummarySite(), sites, min_count=7).released
     assert rel["released"] is False and "n_pos" not in rel and "n_neg" not in rel
+
+
+def test_calibration_separation_fails_fast_and_is_reported():
+    """Predictions that order the outcome perfectly: the ML slope does not exist (the pooled
+    reference raises); the site protocol reports the failed fit after a few rounds."""
+    rng = np.random.default_rng(8)
+    y = np.r_[np.ones(30, int), np.zeros(30, int)]
+    p = np.r_[rng.uniform(0.6, 0.9, 30), rng.uniform(0.1, 0.4, 30)]
+    with pytest.raises(ValueError, match="separat|converge|singular"):
+        calibration(y, p)
+    run = run_plain(CalibrationSite("p"), sites_of(y, p, np.array_split(np.arange(60), 3)), min_count=5)
+    fit = run.result.fits["slope"]
+    assert fit["converged"] is False and fit["iterations"] < 30
+    assert "separation" in fit["reason"] or "singular" in fit["reason"]
+    assert run.rounds < 40 and np.isnan(run.result.result.slope)
