@@ -71,3 +71,21 @@ __all__ = [
     "logistic_regression", "net_benefit", "run_protocol", "select_predictors", "split_summary", "table_one",
     "youden_threshold",
 ]
+
+# Site-computed protocols (issue 11): sites derive every parameter from securely aggregated totals.
+from .sc_classification import CalibrationSite, NetBenefitSite, ThresholdMetricsSite  # noqa: E402
+from .sc_cohort import CohortSummarySite  # noqa: E402
+from .sc_logistic import (  # noqa: E402
+    LogisticSite,
+    SelectionSite,
+    firth_logistic_regression,
+    pooled_selection,
+)
+from .sc_registry import SITE_PROTOCOLS  # noqa: E402
+from .sc_roc import ROCSite  # noqa: E402
+from .sc_tableone import TableOneSite  # noqa: E402
+
+__all__ += [
+    "SITE_PROTOCOLS", "CalibrationSite", "CohortSummarySite", "LogisticSite", "NetBenefitSite", "ROCSite",
+    "SelectionSite", "TableOneSite", "ThresholdMetricsSite", "firth_logistic_regression", "pooled_selection",
+]
