@@ -7,9 +7,8 @@
   (1.0 in the last bin), so ``p >= edges[j]`` iff its bin is ``>= j``: thresholds at released
   edges are decided exactly.
 * Released cells: :func:`released_cells` merges adjacent grid cells of *pooled* counts until every
-  cell holds 0 or >= k patients of every class (grid edges only), repairing the one case where
-  :func:`shared.stats.sitecomputed.merge_cells` leaves a class with 0 < count < k in its last
-  cell. What a released cell's edges still say: the greedy merge closes a cell at the grid cell
+  cell holds 0 or >= k patients of every class (grid edges only), and returns None when nothing can
+  be released. What a released cell's edges still say: the greedy merge closes a cell at the grid cell
   where its counts first qualify, so an interior upper edge shows that the grid cell just below
   it is not empty (some patient, of some class, lies there at grid resolution); the first cell
   starts at the grid's start and the last ends at its end (empty grid cells are absorbed), so
@@ -187,9 +186,8 @@ def cell_ok(c: np.ndarray, k: int) -> bool:
 def released_cells(counts: np.ndarray, k: int) -> list[tuple[int, int]] | None:
     """Merged grid cells of pooled counts, each holding 0 or >= ``k`` patients of every class.
 
-    Starts from :func:`~shared.stats.sitecomputed.merge_cells` (greedy, left to right) and merges a
-    violating cell into its left neighbour until none is left (``merge_cells`` can leave one at
-    the end: a short remainder joins a last cell that held 0 of that class).
+    Starts from :func:`~shared.stats.sitecomputed.merge_cells` (greedy, left to right, the remainder
+    merged leftwards) and merges any violating cell into its left neighbour until none is left.
 
     Parameters
     ----------

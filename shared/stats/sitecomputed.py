@@ -284,7 +284,9 @@ def merge_cells(counts: np.ndarray, k: int) -> list[tuple[int, int]]:
     -------
     list of (start, stop)
         Half-open cell ranges on the fixed grid; edges are grid edges, never data values. Greedy
-        left to right; a small remainder at the end is merged into the last released cell.
+        left to right; a remainder at the end joins the last cell, merging leftwards until that
+        cell holds the rule. Only when the whole grid's total breaks it (a class total in (0, k))
+        does the single remaining cell break it too: callers withhold then.
     """
     c = np.asarray(counts, dtype=np.int64)
     if c.ndim == 1:
@@ -297,14 +299,16 @@ def merge_cells(counts: np.ndarray, k: int) -> list[tuple[int, int]]:
             out.append((start, i + 1))
             start, acc = i + 1, np.zeros(c.shape[1], dtype=np.int64)
     if start < c.shape[0]:
-        if acc.sum() == 0:
-            if out:
-                out[-1] = (out[-1][0], c.shape[0])
-            else:
-                out.append((start, c.shape[0]))
-        elif out:
-            out[-1] = (out[-1][0], c.shape[0])  # remainder (< k somewhere) joins the last cell
+        if out:
+            out[-1] = (out[-1][0], c.shape[0])  # the remainder joins the last cell
         else:
             out.append((start, c.shape[0]))
-    # merging the remainder may break the rule for the last cell only if the total is < k
+
+    def ok(a: int, b: int) -> bool:
+        tot = c[a:b].sum(axis=0)
+        return bool(((tot == 0) | (tot >= k)).all())
+
+    # a remainder joined to a cell that held 0 of a class can break the rule: merge leftwards until it holds
+    while len(out) > 1 and not ok(*out[-1]):
+        out[-2:] = [(out[-2][0], out[-1][1])]
     return out

@@ -146,9 +146,8 @@ def test_fixed_point_encoding_and_persistence_keep_results(n_sites, make_split):
 
 
 def test_released_cells_repair_merge_cells_remainder():
-    """merge_cells leaves a class count in (0, k) when a short remainder joins a cell holding 0 of
-    that class; released_cells merges further."""
+    """A short remainder joining a cell that held 0 of a class must not leave (0, k) there."""
     counts = np.array([[5, 5], [0, 5], [2, 0]])
-    assert merge_cells(counts, 5) == [(0, 1), (1, 3)]  # last cell holds 2 of class 0: the bug
+    assert merge_cells(counts, 5) == [(0, 3)]  # the remainder (2 of class 0) is merged leftwards
     assert released_cells(counts, 5) == [(0, 3)]
     assert released_cells(np.array([[3, 9]]), 5) is None
