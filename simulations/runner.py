@@ -120,8 +120,8 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
     from server.pipeline import prepare_run_dir, save_final_model, write_table
     from server.store import RunStore
     from shared.models import initial_states, models_from_states, stable_seed, training_seed
-    from shared.queries import local_transport
     from shared.records import states_to_record
+    from simulations.sites import inprocess_stats_runner
 
     cfg = prepare_run_dir(cfg, run_dir, resume=False)
     run_id = run_dir.name
@@ -149,11 +149,12 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
                 final = {k: OrderedDict(m.state_dict()) for k, m in models.items()}
             if cfg.federation.mode == "pooled":
                 save_final_model(cfg, run_dir, states_to_record(final), store, run_id, seconds=0.0)
+            stats_run = f"{run_id}-{model_name}"  # each baseline model's signatures are their own data
             with store.stage(run_id, f"signatures:{model_name}"):
-                tables_by_site = {name: algo.signatures(final, external=name in external)
-                                  for name, algo in algos.items()}
-            # The same federated-statistics protocol as the federation, with in-process sites.
-            t = evaluate_signatures(local_transport(tables_by_site, cfg.privacy.min_cell_count), cfg, roles)
+                for name, algo in algos.items():
+                    algo.signatures(final, external=name in external, run_id=stats_run)
+            # The same site-computed statistics as the federation, with the simulated sites in this process.
+            t = evaluate_signatures(inprocess_stats_runner(cfg, sites, stats_run), cfg, roles)
             t.insert(0, "model", model_name)
             tables.append(t)
         table = pd.concat(tables, ignore_index=True)

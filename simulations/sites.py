@@ -104,3 +104,31 @@ def prepare_site_policies(cfg: Any, sites: list[dict], external: set[str]) -> di
             "role": base.role or ("external" if name in external else "train")})
         out[name] = write_simulated_policy(Path(s["cache_dir"]), pol, list(cfg.fusion.clinical_predictors))
     return out
+
+
+def inprocess_stats_runner(cfg: Any, sites: list[dict], run: str) -> Callable[[list], list]:
+    """Site-computed queries answered by the simulated sites in this process (baselines, tests).
+
+    Each site's service reads its own policy file (:func:`prepare_site_policies` must have run), its
+    own table and cache, exactly as its ClientApp would.
+    """
+    from client.site_policy import load_rules
+    from client.site_table import SiteTables
+    from shared.stats_driver import run_site_queries
+
+    services = {}
+    for s in sites:
+        tables = SiteTables(s["name"], Path(s["data_dir"]), Path(s["cache_dir"]), cfg)
+        rules = load_rules({}, Path(s["cache_dir"]), cfg)
+        services[s["name"]] = site_service(s["name"], Path(s["cache_dir"]), rules.policy, rules.clinical_columns,
+                                           tables.site_table, rules.identity_key)
+    k = max([cfg.privacy.min_cell_count, *(svc.ctx.policy.min_cell_count for svc in services.values())])
+    transport = inprocess_transport(services, run)
+
+    def run_queries(queries: list) -> list:
+        for svc in services.values():
+            svc._table = None  # tables change between stages (signatures, scores): read them again
+        roles = {s: ("external" if svc.ctx.policy.role == "external" else "train") for s, svc in services.items()}
+        return run_site_queries(queries, transport, run=run, k=k, roles=roles)
+
+    return run_queries
