@@ -68,6 +68,21 @@ KEY_SEP = "~"
 INCLUDED = "_included"
 
 
+def protocol_columns(params: Mapping[str, Any]) -> list[str]:
+    """Every column a protocol's parameters name (``column``, ``columns``, ``candidates``, ``variables``)."""
+    out: list[str] = []
+    for key in ("column",):
+        if isinstance(params.get(key), str):
+            out.append(params[key])
+    for key in ("columns", "candidates"):
+        if isinstance(params.get(key), list | tuple):
+            out += [str(c) for c in params[key]]
+    for v in params.get("variables") or []:
+        if isinstance(v, Mapping) and "name" in v:
+            out.append(str(v["name"]))
+    return out
+
+
 class PolicyRefusal(Exception):
     """A request this site's policy does not allow; ``rule`` names the policy setting."""
 
@@ -287,6 +302,11 @@ class StatsService:
             raise PolicyRefusal("parameters", f"{proto.name}: {exc}") from None
         if int(obj.params.get("n_columns", len(columns))) != len(columns):
             raise ValueError(f"{proto.name}: n_columns={obj.params.get('n_columns')} but {len(columns)} column(s) asked")
+        named = protocol_columns(obj.params)
+        outside = sorted(set(named) - set(columns))
+        if outside:
+            raise PolicyRefusal("columns", f"{proto.name} names column(s) {outside} outside the query's allow-listed "
+                                           f"columns {columns}")
         key = hashlib.sha256(json.dumps({"protocol": proto.name, "params": obj.params, "cohort": cohort,
                                          "columns": columns, "k": k, "data": self._stamp(run, columns)},
                                         sort_keys=True).encode()).hexdigest()
