@@ -160,6 +160,7 @@ class StatsService:
         self.root = Path(ctx.cache_dir) / "stats"
         self._table: pd.DataFrame | None = None
         self._secagg: Any = None
+        self._data: dict[tuple, CohortData] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -235,6 +236,12 @@ class StatsService:
         return rows
 
     def cohort_data(self, table: pd.DataFrame, spec: Mapping[str, Any], k: int) -> CohortData:
+        key = (id(table), spec["cohort"], tuple(spec["columns"]), k)
+        if key not in self._data:
+            self._data[key] = self._cohort_data(table, spec, k)
+        return self._data[key]
+
+    def _cohort_data(self, table: pd.DataFrame, spec: Mapping[str, Any], k: int) -> CohortData:
         rows = self.query_rows(table, spec["cohort"], list(spec["columns"]), k)
         sub = table.loc[rows]
         return CohortData(sub["label"].to_numpy(dtype=float).astype(int), sub[list(spec["columns"])].to_numpy(float)
