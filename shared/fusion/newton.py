@@ -28,6 +28,8 @@ SQUARED, HUBER = 0, 1
 INTERCEPT_RIDGE = 1e-8
 TOL = 1e-10
 MAX_HALVINGS = 30
+#: Shorter steps evaluated with every trial point (their losses only).
+LADDER = 6
 _LOSS_CAP = float(2**20)
 
 
@@ -45,6 +47,23 @@ def row_terms(slack: np.ndarray, stage: int, h: float) -> tuple[np.ndarray, np.n
     loss = np.where(lin, s, np.where(band, (s + h) ** 2 / (4 * h), 0.0))
     coef = np.where(lin, 1.0, np.where(band, (s + h) / (2 * h), 0.0))
     return loss, coef, band / (2 * h)
+
+
+def ladder_steps(t: float) -> np.ndarray:
+    """The shorter steps ``t / 2, t / 4, ...`` whose losses travel with each trial point."""
+    return t * 0.5 ** np.arange(1, LADDER + 1)
+
+
+def ladder_losses(Z: np.ndarray, ys: np.ndarray, w: np.ndarray, d: np.ndarray, t: float, stage: int, h: float,
+                  n_total: int) -> np.ndarray:
+    """``sum loss / N`` at ``w + s d`` for each ladder step ``s`` (shape (LADDER,)): the line search
+    needs no extra round when the trial step ``t`` is rejected."""
+    Z1 = np.column_stack([Z, np.ones(Z.shape[0])])
+    m0, md = ys * (Z1 @ w), ys * (Z1 @ d)
+    out = np.empty(LADDER)
+    for j, s in enumerate(ladder_steps(t)):
+        out[j] = row_terms(1.0 - m0 - s * md, stage, h)[0].sum() / n_total
+    return out
 
 
 def site_terms(Z: np.ndarray, ys: np.ndarray, w: np.ndarray, stage: int, h: float, n_total: int
@@ -102,7 +121,8 @@ def objective(w: np.ndarray, C: float, loss_sum: float, n_total: int) -> tuple[f
 
 
 def newton_advance(state: dict, idx: np.ndarray, Cs: np.ndarray, loss: np.ndarray, grad: np.ndarray,
-                   hess: np.ndarray, active: np.ndarray, n_total: int, max_iter: int, huber_h: float) -> None:
+                   hess: np.ndarray, active: np.ndarray, n_total: int, max_iter: int, huber_h: float,
+                   ladder: np.ndarray | None = None) -> None:
     """Advance the Newton state of problems ``idx`` (in place) with the totals at their trial points.
 
     ``state`` holds, per problem ``p``: ``w`` (accepted point), ``w_try`` (trial point), ``J``
@@ -139,12 +159,22 @@ def newton_advance(state: dict, idx: np.ndarray, Cs: np.ndarray, loss: np.ndarra
                 state["dir"][p], state["t"][p] = d, 1.0
                 state["w_try"][p] = wt + d
         else:
-            state["t"][p] *= 0.5
-            state["halvings"][p] += 1
-            if state["halvings"][p] > MAX_HALVINGS * max_iter or state["t"][p] < 2.0 ** -MAX_HALVINGS:
+            # the trial step failed the Armijo test: take the longest ladder step that passes (its
+            # point is evaluated next round and passes again), else keep halving below the ladder
+            slope = float(state["g"][p] @ state["dir"][p])
+            steps = ladder_steps(float(state["t"][p]))
+            t_new = steps[-1] * 0.5
+            for s, lj in zip(steps, np.zeros(LADDER) if ladder is None else ladder[j], strict=True):
+                if ladder is not None and objective(state["w"][p] + s * state["dir"][p], C, float(lj), n_total)[0] \
+                        <= state["J"][p] + 1e-4 * s * slope:
+                    t_new = s
+                    break
+            state["halvings"][p] += int(round(np.log2(state["t"][p] / t_new)))
+            state["t"][p] = t_new
+            if state["halvings"][p] > MAX_HALVINGS * max_iter or t_new < 2.0 ** -MAX_HALVINGS:
                 _finish(state, p, False, huber_h)
             else:
-                state["w_try"][p] = state["w"][p] + state["t"][p] * state["dir"][p]
+                state["w_try"][p] = state["w"][p] + t_new * state["dir"][p]
 
 
 def _finish(state: dict, p: int, converged: bool, huber_h: float) -> None:

@@ -71,7 +71,7 @@ from shared.stats.sitecomputed import (
 )
 
 from .model import KERNELS, FeatureMap, SVMModel, shapley_values, sigmoid
-from .newton import SQUARED, newton_advance, site_terms
+from .newton import LADDER, SQUARED, ladder_losses, newton_advance, site_terms
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class FusionSVMSite(SiteComputedProtocol):
         # candidates in grid order: C outer, gamma inner
         self.cands = [(gi, ci) for ci in range(len(self.C_grid)) for gi in range(len(self.gammas))]
         D1 = self.n_components + 1
-        per_problem = D1 * (D1 + 1) // 2 + D1 + 3
+        per_problem = D1 * (D1 + 1) // 2 + D1 + 3 + LADDER
         worst = len(self.cands) * (self.cv_folds + 1) * per_problem
         if worst > MAX_VALUES_PER_ROUND:
             raise ValueError(f"fusion SVM: {len(self.cands)} candidates x {self.cv_folds + 1} problems with "
@@ -379,7 +379,8 @@ class FusionSVMSite(SiteComputedProtocol):
         if phase == PHASE_NEWTON:
             act = int((np.asarray(state["done"]) == 0).sum())
             D1 = int(np.asarray(state["w"]).shape[1])
-            return {"loss": {"shape": (act,), **SUM_SPEC}, "grad": {"shape": (act, D1), **SUM_SPEC},
+            return {"loss": {"shape": (act,), **SUM_SPEC}, "ladder": {"shape": (act, LADDER), **SUM_SPEC},
+                    "grad": {"shape": (act, D1), **SUM_SPEC},
                     "hess": {"shape": (act, D1 * (D1 + 1) // 2), **SUM_SPEC},
                     "active": {"shape": (act, 2), **COUNT_SPEC}}
         if phase == PHASE_SCORE:
@@ -404,7 +405,8 @@ class FusionSVMSite(SiteComputedProtocol):
             idx = np.flatnonzero(np.asarray(state["done"]) == 0)
             w_try, stage = np.asarray(state["w_try"]), np.asarray(state["stage"])
             D1 = w_try.shape[1]
-            out = {"loss": np.zeros(idx.size), "grad": np.zeros((idx.size, D1)),
+            J, w_acc, direc, t = (np.asarray(state[k]) for k in ("J", "w", "dir", "t"))
+            out = {"loss": np.zeros(idx.size), "ladder": np.zeros((idx.size, LADDER)), "grad": np.zeros((idx.size, D1)),
                    "hess": np.zeros((idx.size, D1 * (D1 + 1) // 2)), "active": np.zeros((idx.size, 2))}
             Z = {g: self._features(xs, g, D1 - 1) for g in sorted({probs[p][0] for p in idx})}
             for j, p in enumerate(idx):
@@ -415,6 +417,9 @@ class FusionSVMSite(SiteComputedProtocol):
                 loss, grad, hess, active = site_terms(Z[gi][rows], ys[rows], w_try[p], int(stage[p]),
                                                       self.huber_h, int(state["n_total"]))
                 out["loss"][j], out["grad"][j], out["hess"][j], out["active"][j] = loss, grad, hess, active
+                if np.isfinite(J[p]):  # a trial step from an accepted point: losses of shorter steps too
+                    out["ladder"][j] = ladder_losses(Z[gi][rows], ys[rows], w_acc[p], direc[p], float(t[p]),
+                                                     int(stage[p]), self.huber_h, int(state["n_total"]))
             return out
         if phase == PHASE_SCORE:
             hist = np.zeros((len(self.cands), 2, N_DECISION_BINS))
@@ -501,7 +506,7 @@ class FusionSVMSite(SiteComputedProtocol):
         Cs = np.array([self.C_grid[ci] for _, ci, _ in self.problems(K)])
         newton_advance(st, idx, Cs, np.asarray(totals["loss"]), np.asarray(totals["grad"]),
                        np.asarray(totals["hess"]), np.rint(np.asarray(totals["active"])), int(st["n_total"]),
-                       self.max_iter, self.huber_h)
+                       self.max_iter, self.huber_h, np.asarray(totals["ladder"]))
         st["w_try"] = quantise(st["w_try"])
         st["w"] = quantise(st["w"])
         if (st["done"] == 1).all():
