@@ -158,12 +158,19 @@ def _reply(msg: Message, context: Context, work: Callable[[Any, Message], Record
 
     Every reply carries ``site.name`` and is appended to the site's audit log.
     """
+    from client.stats_service import PolicyRefusal
+
     algo = None
     try:
         algo = _algorithm(msg, context, light)
         content = work(algo, msg)
         content["site"] = ConfigRecord({"name": algo.site})
         return audit(algo, msg, Message(content, reply_to=msg))
+    except PolicyRefusal as exc:
+        logger.warning("%s", exc)
+        reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),
+                        reply_to=msg)
+        return audit(algo, msg, reply) if algo else reply
     except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
         reply = _error_reply(msg, algo.site if algo else None, exc)
         return audit(algo, msg, reply) if algo else reply
@@ -215,15 +222,21 @@ def _stats(algo: Any, msg: Message) -> RecordDict:
     return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
 
 
-def _fusion(algo: Any, msg: Message) -> RecordDict:
+def _fusion(algo: Any, msg: Message, context: Context) -> RecordDict:
+    """Score with the fitted fusion models: only models this site derived itself (its own fit state)."""
+    from client.stats_service import PolicyRefusal
     from shared.fusion import models_from_payload
 
     columns = unpack_json(str(msg.content["config"]["fusion-models"]))
     models = models_from_payload(record_to_arrays(msg.content["arrays"]), columns)
-    answer = algo.apply_fusion(models, run_id=_run_id(msg))
-    arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
-    return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
+    run = _run_id(msg)
+    own = _site_service(algo, context).derived_models(run) if run else {}
+    foreign = sorted(name for name, m in models.items() if m.digest() not in own)
+    if foreign:
+        raise PolicyRefusal("models", f"model(s) {foreign} were not derived by this site in run {run}: it scores "
+                                      "patients only with fusion models its own fit produced")
+    answer = algo.apply_fusion(models, run_id=run)
+    return RecordDict({"metrics": MetricRecord({k: int(v) for k, v in answer.items()})})
 
 
 @app.query("describe")
@@ -247,7 +260,7 @@ def signatures(msg: Message, context: Context) -> Message:
 @app.evaluate("fusion")
 def fusion(msg: Message, context: Context) -> Message:
     """Score every patient with the fitted fusion models; scores and SHAP stay on site, SHAP sums go back."""
-    return _reply(msg, context, _fusion, light=True)
+    return _reply(msg, context, lambda algo, m: _fusion(algo, m, context), light=True)
 
 
 def _site_service(algo: Any, context: Context) -> Any:

@@ -59,7 +59,10 @@ logger = logging.getLogger(__name__)
 
 COHORT_SPLITS: dict[str, tuple[str, ...]] = {
     "training": ("train", "val"), "internal_test": ("test",), "external": ("external",)}
-ROLE_COHORTS = {"train": ("training", "internal_test"), "external": ("external",)}
+ROLE_COHORTS = {"train": ("training", "internal_test"), "external": ("external", "training")}
+"""Cohorts a site answers by role. An external site takes part in ``training`` queries with no patients
+(it contributes zeros): it receives the totals and derives the fitted models itself, so it scores
+its patients only with models it derived (:meth:`StatsService.derived_models`)."""
 SIGNATURE = re.compile(r"^(pre|post|delta)_[a-z0-9_]+$")
 FUSION_SCORE = re.compile(r"^fusion_[A-Za-z0-9_+.-]+$")
 NEVER = frozenset({"patient_id", "split", "label"})
@@ -124,6 +127,11 @@ def _read_json(path: Path, default: Any = None) -> Any:
         return default
 
 
+def _ext(path: Path, ext: str) -> Path:
+    """``path`` + ``ext`` (query ids contain dots: ``with_suffix`` would cut them)."""
+    return path.with_name(path.name + ext)
+
+
 def save_state(path: Path, state: Mapping[str, Any]) -> None:
     """A protocol state (JSON values + NumPy arrays) as ``<path>.json`` + ``<path>.npz``."""
     arrays = {k: np.asarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
@@ -132,17 +140,17 @@ def save_state(path: Path, state: Mapping[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.npz")
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path.with_suffix(".npz"))
-    _atomic_json(path.with_suffix(".json"), {"plain": plain, "arrays": sorted(arrays)})
+    os.replace(tmp, _ext(path, ".npz"))
+    _atomic_json(_ext(path, ".json"), {"plain": plain, "arrays": sorted(arrays)})
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    meta = _read_json(path.with_suffix(".json"))
+    meta = _read_json(_ext(path, ".json"))
     if meta is None:
         raise FileNotFoundError(path)
     state = dict(meta["plain"])
     if meta["arrays"]:
-        with np.load(path.with_suffix(".npz"), allow_pickle=False) as z:
+        with np.load(_ext(path, ".npz"), allow_pickle=False) as z:
             state.update({k: z[k] for k in meta["arrays"]})
     return state
 
@@ -335,20 +343,48 @@ class StatsService:
         return self.run_dir(run) / "queries" / qid
 
     def _meta(self, run: str, qid: str) -> dict[str, Any]:
-        meta = _read_json(self._qpath(run, qid).with_suffix(".meta"))
+        meta = _read_json(_ext(self._qpath(run, qid), ".meta"))
         if meta is None:
             raise ValueError(f"site {self.site}: query {qid!r} was never opened in run {run!r}")
         return meta
 
     def _save_meta(self, run: str, qid: str, meta: Mapping[str, Any]) -> None:
-        _atomic_json(self._qpath(run, qid).with_suffix(".meta"), dict(meta))
+        _atomic_json(_ext(self._qpath(run, qid), ".meta"), dict(meta))
 
     def _load(self, run: str, qid: str) -> tuple[dict[str, Any], SiteComputedProtocol, dict[str, Any], CohortData]:
         meta = self._meta(run, qid)
         proto = protocol_class(meta["spec"]["protocol"]).from_params(meta["spec"].get("params") or {})
         state = load_state(self._qpath(run, qid))
         data = self.cohort_data(self.table(), meta["spec"], int(meta["k"]))
+        digest = proto.params.get("model_digest")
+        if digest is not None:  # a model-based query runs on the model this site derived, never a sent one
+            model = self.derived_models(run).get(str(digest))
+            if model is None:
+                raise PolicyRefusal("models", f"model {str(digest)[:12]}... was not derived by this site in run {run}")
+            data = CohortData(data.y, data.X, data.columns, extra={**data.extra, "fusion_model": model})
         return meta, proto, state, data
+
+    # ------------------------------------------------------------------ models this site derived
+    def _models_dir(self, run: str) -> Path:
+        return self.run_dir(run) / "models"
+
+    def derived_models(self, run: str) -> dict[str, Any]:
+        """Fusion models this site derived itself in ``run`` (from its own fit state), by digest."""
+        from shared.fusion import SVMModel
+
+        out = {}
+        d = self._models_dir(run)
+        for p in sorted(d.glob("*.json")) if d.is_dir() else []:
+            m = SVMModel.from_json(json.loads(p.read_text()))
+            out[m.digest()] = m
+        return out
+
+    def _keep_model(self, run: str, proto: SiteComputedProtocol, rel: Mapping[str, Any]) -> None:
+        """After a fusion fit: keep the model this site derived, so it scores only with its own models."""
+        res = proto.result(dict(rel))
+        model = getattr(res, "model", None)
+        if model is not None:
+            _atomic_json(self._models_dir(run) / f"{model.digest()}.json", model.to_json())
 
     def _contribution(self, meta: Mapping[str, Any], proto: SiteComputedProtocol, state: Mapping[str, Any],
                       data: CohortData) -> dict[str, np.ndarray]:
@@ -383,6 +419,8 @@ class StatsService:
         meta["status"] = "done"
         self._save_meta(run, qid, meta)
         self._record_release(meta["key"], run, meta["spec"]["participants"])
+        if proto.name == "fusion_svm_fit":
+            self._keep_model(run, proto, rel)
         return rel
 
     # ------------------------------------------------------------------ the operations
@@ -402,6 +440,10 @@ class StatsService:
             try:
                 proto, key = self.validate(run, spec, k, role)
                 data = self.cohort_data(table, spec, k)
+                digest = proto.params.get("model_digest")
+                if digest is not None and str(digest) not in self.derived_models(run):
+                    raise PolicyRefusal("models", f"model {str(digest)[:12]}... was not derived by this site in "
+                                                  f"run {run}")
                 y = data.y
                 excluded = any(0 < int((y == c).sum()) < k for c in (0, 1))
                 state = proto.init_state()
@@ -476,6 +518,8 @@ class StatsService:
                 qid, _, key = full.partition(KEY_SEP)
                 by_q.setdefault(qid, {})[key] = v
             for qid in smap["qids"]:
+                if self._meta(run, qid)["status"] != "open":
+                    continue
                 try:
                     rel = self._advance(run, qid, by_q.get(qid, {}))
                     if rel is not None:
@@ -501,7 +545,14 @@ class StatsService:
                 if sorted(meta["spec"]["participants"]) != parts:
                     reply["failed"][qid] = f"session {sid} does not have this query's participants"
                     continue
-                c = self._contribution(meta, proto, state, data)
+                try:
+                    c = self._contribution(meta, proto, state, data)
+                except (ValueError, KeyError) as exc:  # this query fails here; the session goes on
+                    c = {**proto.empty(dict(state)), INCLUDED: np.asarray(0.0)}
+                    meta["status"] = "failed"
+                    self._save_meta(run, qid, meta)
+                    reply["failed"][qid] = f"site {self.site}: {exc}"
+                    logger.warning("site %s: query %s failed: %s", self.site, qid, exc)
                 for kk, v in c.items():
                     contrib[f"{qid}{KEY_SEP}{kk}"] = v
                 for kk, v in self._specs(proto, state).items():

@@ -107,11 +107,11 @@ def fusion_specs(cfg: RectalFLConfig, selected: list[str]) -> list[FusionSpec]:
 
 
 def clinical_grid() -> list[float]:
-    """A grid for non-negative clinical values agreed without seeing them: 0, then 3 significant digits
-    from 0.001 to 99 900 (7 201 edges)."""
-    mags = np.arange(100, 1000) / 100.0
-    pos = np.unique(np.concatenate([mags * 10.0 ** e for e in range(-3, 5)]))
-    return [0.0, *pos.tolist()]
+    """A grid for clinical values agreed without seeing them: 0 and two significant digits on
+    +-[0.001, 990 000] (1 621 edges; medians and quartiles are interpolated within a bin)."""
+    mags = np.arange(10, 100) / 10.0
+    pos = np.unique(np.concatenate([mags * 10.0 ** e for e in range(-3, 6)]))
+    return [*(-pos[::-1]).tolist(), 0.0, *pos.tolist()]
 
 
 def table_one_variables(cfg: RectalFLConfig) -> list[dict[str, Any]]:
@@ -253,7 +253,8 @@ def run_analysis(run_stats: StatsRun, fusion_transport: FusionTransport, cfg: Re
     # 2. fusion fits (training cohort only)
     res.specs = fusion_specs(cfg, selected)
     say(f"fitting {len(res.specs)} fusion model(s) by federated cross-validation")
-    models, fit_rows, fit_queries = fit_models(run_stats, res.specs, cfg, train_sites, reference=reference)
+    models, fit_rows, fit_queries = fit_models(run_stats, res.specs, cfg, train_sites, groups.get(EXTERNAL, []),
+                                               reference=reference)
     res.models = models
     res.queries += fit_queries
     res.tables["fusion_models"] = pd.DataFrame(fit_rows)
@@ -315,7 +316,8 @@ def _evaluate(run_stats: StatsRun, res: Analysis, names: list[str], groups: dict
         dec: dict[str, Any] = {"cohort": c, "models": {}}
         for m in names:
             qb, qc = q_bin[(m, c)], q_cal[(m, c)]
-            row = _perf_row(m, c, roc, col[m], qb, thr, [query_note(qr) if qr else "", query_note(qb)])
+            row = _perf_row(m, c, roc, col[m], qb, thr,
+                            [query_note(qr, col[m], curves=False) if qr else "", query_note(qb)])
             perf.append(row)
             if roc is not None and col[m] in roc.aucs and col[m] in roc.curves:
                 a = roc.aucs[col[m]]
@@ -341,7 +343,7 @@ def _evaluate(run_stats: StatsRun, res: Analysis, names: list[str], groups: dict
             curves["decision"].append(dec)
         for a, b in combinations(names, 2):
             row = {"cohort": c, "model_a": a, "model_b": b, "auc_a": np.nan, "auc_b": np.nan, "diff": np.nan,
-                   "p": np.nan, "note": query_note(qr) if qr else ""}
+                   "p": np.nan, "note": query_note(qr, curves=False) if qr else ""}
             if roc is not None and col[a] in roc.aucs and col[b] in roc.aucs:
                 r = roc.delong(col[a], col[b])
                 row.update(auc_a=r.auc_a, auc_b=r.auc_b, diff=r.diff, p=r.p)
@@ -359,7 +361,8 @@ def _evaluate(run_stats: StatsRun, res: Analysis, names: list[str], groups: dict
         roc = qr.result if qr is not None and qr.ok else None
         for m in names:
             qb = q_site_bin[(m, site)]
-            row = _perf_row(m, "", roc, col[m], qb, thr, [query_note(qr) if qr else "", query_note(qb)])
+            row = _perf_row(m, "", roc, col[m], qb, thr,
+                            [query_note(qr, col[m], curves=False) if qr else "", query_note(qb)])
             row.pop("cohort")
             site_rows.append({"model": m, "site": site, "role": role,
                               "split": "external" if role == "external" else "test", **row})

@@ -30,12 +30,24 @@ StatsRun = Callable[[list[SiteQuery]], list[SiteQuery]]
 """Runs site-computed queries to completion (``shared.stats_driver.run_site_queries`` bound to a transport)."""
 
 
-def query_note(q: SiteQuery) -> str:
-    """What a reader needs to know about one query's numbers: withheld parts, refusals, dropouts, errors."""
+def query_note(q: SiteQuery, column: str | None = None, *, curves: bool = True) -> str:
+    """What a reader needs to know about one query's numbers: withheld parts, refusals, dropouts, errors.
+
+    ``column``: only the withheld items about that column (or about none in particular);
+    ``curves=False`` leaves out the coarsening of released curves (it does not change the numbers).
+    """
     notes = []
     rel = q.released or {}
-    notes += [f"{w.get('quantity', '')}: {w.get('reason', '')}".strip(": ") for w in rel.get("withheld", [])
-              if isinstance(w, Mapping)]
+    others = [c for c in q.columns if c != column] if column is not None else []
+    for w in rel.get("withheld", []):
+        if not isinstance(w, Mapping):
+            continue
+        quantity = str(w.get("quantity", ""))
+        if any(quantity.endswith(f".{c}") or f".{c}." in quantity for c in others):
+            continue
+        if not curves and quantity.startswith("curve."):
+            continue
+        notes.append(f"{quantity}: {w.get('reason', '')}".strip(": "))
     notes += [f"{s} refused ({r.get('rule', '?')}): {r.get('reason', '')}" for s, r in sorted(q.refused.items())]
     if q.dropped:
         notes.append(f"re-run without {', '.join(q.dropped)} (stopped answering)")

@@ -132,3 +132,73 @@ def inprocess_stats_runner(cfg: Any, sites: list[dict], run: str) -> Callable[[l
         return run_site_queries(queries, transport, run=run, k=k, roles=roles)
 
     return run_queries
+
+
+class InProcessConsortium:
+    """Simulated sites held as tables in this process (tests, tools): the same site code, no Flower.
+
+    Each site has its own cache folder (stamps, state, scores), identity key, and policy; its table
+    is the given signatures + clinical columns joined with the fusion scores it wrote itself.
+
+    Parameters
+    ----------
+    root : Path
+        Where the sites' caches and the roster go.
+    tables : mapping site -> DataFrame
+        ``patient_id, split, label``, signatures, clinical predictors.
+    roles : mapping site -> "train" | "external"
+    clinical : sequence of str
+        The declared clinical predictors (the allow-list's clinical part).
+    run : str
+        The run id the data are stamped with.
+    policy : dict
+        PolicyConfig fields for every site (``min_cell_count``, ``release_site_figures``, ...).
+    """
+
+    def __init__(self, root: Path, tables: Mapping[str, pd.DataFrame], roles: Mapping[str, str],
+                 clinical: list[str] | tuple[str, ...], run: str = "run", **policy: Any) -> None:
+        from client.site_policy import SIGNATURES_STAMP, write_stamp
+
+        self.root, self.run, self.roles = Path(root), run, dict(roles)
+        self.base = {s: t.assign(patient_id=t["patient_id"].astype(str)) for s, t in tables.items()}
+        keys = make_consortium_keys(self.root / "roster", list(tables))
+        self.services: dict[str, StatsService] = {}
+        for s in tables:
+            cache = self.cache(s)
+            cache.mkdir(parents=True, exist_ok=True)
+            write_stamp(cache / SIGNATURES_STAMP, run=run, weights="0" * 64)
+            pol = PolicyConfig(roster=self.root / "roster", identity_key=keys[s], role=roles[s], **policy)
+            self.services[s] = site_service(s, cache, pol, clinical, (lambda s=s: self.table(s)), keys[s])
+        self.transport = inprocess_transport(self.services, run)
+        self.k = max(svc.ctx.policy.min_cell_count for svc in self.services.values())
+
+    def cache(self, site: str) -> Path:
+        return self.root / "cache" / site
+
+    def table(self, site: str) -> pd.DataFrame:
+        from client.site_table import read_scores
+
+        base = self.base[site]
+        scores = read_scores(self.cache(site))
+        return base if scores is None else base.merge(scores, on="patient_id", how="left", suffixes=("", "_score"))
+
+    def run_stats(self, queries: list) -> list:
+        from shared.stats_driver import run_site_queries
+
+        for svc in self.services.values():
+            svc._table, svc._data = None, {}
+        return run_site_queries(queries, self.transport, run=self.run, k=self.k, roles=self.roles)
+
+    def fusion(self, models: dict) -> dict[str, dict[str, Any]]:
+        """Every site scores its patients with the models it derived itself (others are refused)."""
+        from client.site_table import apply_fusion
+        from client.stats_service import PolicyRefusal
+
+        out = {}
+        for s, svc in self.services.items():
+            own = svc.derived_models(self.run)
+            foreign = [n for n, m in models.items() if m.digest() not in own]
+            if foreign:
+                raise PolicyRefusal("models", f"site {s}: model(s) {foreign} were not derived by this site")
+            out[s] = apply_fusion(self.base[s], models, self.cache(s), site=s, run_id=self.run)
+        return out

@@ -190,6 +190,10 @@ def protocol_class(name: str) -> type[SiteComputedProtocol]:
                 continue
             for cls in getattr(m, "SITE_PROTOCOLS", {}).values():
                 _REGISTRY.setdefault(cls.name, cls)
+            for obj in vars(m).values():  # protocols a module defines or re-exports
+                if isinstance(obj, type) and issubclass(obj, SiteComputedProtocol) and obj.name != "protocol" \
+                        and not getattr(obj, "__abstractmethods__", None):
+                    _REGISTRY.setdefault(obj.name, obj)
     if name not in _REGISTRY:
         raise KeyError(f"unknown statistics protocol {name!r}; known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
