@@ -25,9 +25,10 @@ What the site decides, not the server
   excluded from that quantity), so differencing answers over different sets of sites never isolates
   fewer than ``k`` of its patients.
 - **Once.** A released quantity (protocol, parameters, cohort, columns, ``k``, data stamp) is
-  released with one set of participating sites only (a ledger kept across runs), so the server
-  cannot difference the same quantity over two site sets. Queries per run are capped
-  (``query_budget``). Numbers about this site alone need ``release_site_figures``.
+  released with one set of several participating sites only (a ledger kept across runs), so the
+  server cannot difference the same quantity over two site sets; numbers about this site alone
+  (once more, for itself) need its ``release_site_figures``. Queries per run are capped
+  (``query_budget``).
 - **Fresh data.** Signatures and fusion scores carry the run id and a hash of the weights/models
   that made them; a query for another run is refused, naming the fix.
 
@@ -125,6 +126,11 @@ def _read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
+
+
+def _ledger_key(key: str, parts: list[str]) -> str:
+    """A quantity is released once over several sites, and (with the site's consent) once for itself alone."""
+    return f"{key}:{'alone' if len(parts) == 1 else 'sites'}"
 
 
 def _ext(path: Path, ext: str) -> Path:
@@ -326,7 +332,7 @@ class StatsService:
                                          "columns": columns, "k": k, "data": self._stamp(run, columns)},
                                         sort_keys=True).encode()).hexdigest()
         ledger = _read_json(self.root / "ledger.json", {}) or {}
-        prev = ledger.get(key)
+        prev = ledger.get(_ledger_key(key, parts))
         if prev is not None and sorted(prev["participants"]) != sorted(parts):
             raise PolicyRefusal("once", f"this quantity was released with sites {prev['participants']} "
                                         f"(run {prev['run']}); it is not released again with another set of sites")
@@ -335,7 +341,7 @@ class StatsService:
     def _record_release(self, key: str, run: str, parts: list[str]) -> None:
         path = self.root / "ledger.json"
         ledger = _read_json(path, {}) or {}
-        ledger.setdefault(key, {"participants": sorted(parts), "run": run, "time": time.time()})
+        ledger.setdefault(_ledger_key(key, parts), {"participants": sorted(parts), "run": run, "time": time.time()})
         _atomic_json(path, ledger)
 
     # ------------------------------------------------------------------ query state
