@@ -3,7 +3,8 @@
 Message types it answers (Flower Message API):
 
 ``query.describe``
-    site name, role and patient counts per split (numbers only).
+    site name, its own disclosure floor and role, patients per split (a count below the floor is
+    sent as -1).
 ``train``
     one local update of every backbone from the global weights (one ArrayRecord, prefixed keys);
     replies with the new weights, ``num-examples`` = the site's true number of training patients,
@@ -12,11 +13,18 @@ Message types it answers (Flower Message API):
     with the final weights: computes every patient's signatures and keeps them on site
     (``<cache>/signatures.csv``); replies only with the number of patients.
 ``evaluate.stats``
-    answers batched federated-statistics queries (``shared.queries``) on those signatures:
-    counts, histogram cells, placement sums from ``shared.stats``, with disclosure control.
+    site-computed statistics (:mod:`client.stats_service`): every query checked against the site's
+    own policy; contributions leave only securely aggregated; only disclosure-checked releases
+    leave in the clear. A request the policy refuses gets an error reply with code
+    :data:`POLICY_REFUSED_CODE` naming the rule.
+``evaluate.fusion``
+    scores every patient with the fitted fusion models, only those this site derived itself
+    (kept on site, stamped); replies with counts.
 
-Which site this node is: ``node_config`` keys ``site-name``, ``data-dir``, ``cache-dir`` (and
-optionally ``device``) on the Deployment Engine. On the simulation engine the virtual node's
+Every message and reply is appended to ``<cache>/audit.jsonl`` (``rectalfl site audit``).
+
+Which site this node is: ``node_config`` keys ``site-name``, ``data-dir``, ``cache-dir``, ``site-config``
+(its own config file: the policy) and optionally ``device`` on the Deployment Engine. On the simulation engine the virtual node's
 ``partition-id`` indexes the ``sim-sites`` list the server sends (a simulated consortium on one
 machine); nothing else assumes a shared filesystem.
 """
@@ -32,14 +40,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from client.site_table import SiteTables
 from shared.config import parse_config
-from shared.queries import answer_queries
 from shared.records import (
     LAYOUT_KEY,
     arrays_to_record,
@@ -212,16 +218,6 @@ def _signatures(algo: Any, msg: Message) -> RecordDict:
     return RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))})})
 
 
-def _stats(algo: Any, msg: Message) -> RecordDict:
-    specs = unpack_json(str(msg.content["config"]["queries"]))
-    values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
-    answer = answer_queries(algo.site_table(), specs, values, site=algo.site,
-                            min_count=algo.cfg.privacy.min_cell_count)
-    arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
-    return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
-
-
 def _fusion(algo: Any, msg: Message, context: Context) -> RecordDict:
     """Score with the fitted fusion models: only models this site derived itself (its own fit state)."""
     from client.stats_service import PolicyRefusal
@@ -275,7 +271,7 @@ def _site_service(algo: Any, context: Context) -> Any:
     return StatsService(ctx)
 
 
-def _sitestats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[str, str]]:
+def _stats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[str, str]]:
     from shared.wire import pack, unpack
 
     conf = msg.content["config"]
@@ -290,15 +286,15 @@ def _sitestats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, d
     return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)}), refused
 
 
-@app.evaluate("sitestats")
-def sitestats(msg: Message, context: Context) -> Message:
+@app.evaluate("stats")
+def stats(msg: Message, context: Context) -> Message:
     """Site-computed statistics (``client.stats_service``): the site's policy decides; only releases leave."""
     from client.stats_service import PolicyRefusal
 
     algo = None
     try:
         algo = _algorithm(msg, context, light=True)
-        content, refused = _sitestats(algo, msg, context)
+        content, refused = _stats(algo, msg, context)
         content["site"] = ConfigRecord({"name": algo.site})
         return audit(algo, msg, Message(content, reply_to=msg), refused=refused)
     except PolicyRefusal as exc:
@@ -309,9 +305,3 @@ def sitestats(msg: Message, context: Context) -> Message:
     except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
         reply = _error_reply(msg, algo.site if algo else None, exc)
         return audit(algo, msg, reply) if algo else reply
-
-
-@app.evaluate("stats")
-def stats(msg: Message, context: Context) -> Message:
-    """Answer federated-statistics queries on the local signatures: summaries only (shared.stats)."""
-    return _reply(msg, context, _stats, light=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -381,22 +381,8 @@ class Orchestrator:
                 out[str(m.content["site"]["name"])] = int(m.content["metrics"]["patients-with-signatures"])
         return out
 
-    def stats_transport(self, payloads: dict[str, dict]) -> dict[str, dict]:
-        """One round of federated-statistics queries: one ``evaluate.stats`` message per site."""
-        by_site = {n.site: n.node_id for n in self.nodes}
-        msgs = []
-        for site, p in payloads.items():
-            if site not in by_site:
-                continue
-            arrays = {k: np.asarray(v) for k, v in p["values"].items() if isinstance(v, np.ndarray)}
-            scalars = {k: v for k, v in p["values"].items() if not isinstance(v, np.ndarray)}
-            content = RecordDict({"config": self._config(queries=pack_json(p["spec"])),
-                                  "arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
-            msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
-        return self.exchange("evaluate", msgs)
-
     def site_stats_transport(self, requests: dict[str, dict]) -> dict[str, dict]:
-        """Site-computed statistics (``shared.stats_driver``): one ``evaluate.sitestats`` message per site.
+        """Site-computed statistics (``shared.stats_driver``): one ``evaluate.stats`` message per site.
 
         A site whose policy refuses the whole request answers with an error naming the rule; it is
         recorded as a ``policy_refused`` event and that site's queries end.
@@ -410,7 +396,7 @@ class Orchestrator:
                 continue
             text, arrays = pack(req)
             content = RecordDict({"config": self._config(request=text), "arrays": arrays_to_record(arrays)})
-            msgs.append(Message(content=content, message_type="evaluate.sitestats", dst_node_id=by_site[site]))
+            msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         refused = [m for m in replies if m.has_error() and m.error.code == POLICY_REFUSED_CODE]
         for m in refused:

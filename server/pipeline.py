@@ -145,7 +145,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
 
 
 def stats_runner(orch: Any) -> Any:
-    """Site-computed queries over the orchestrator's nodes (``evaluate.sitestats`` messages), at the
+    """Site-computed queries over the orchestrator's nodes (``evaluate.stats`` messages), at the
     strictest floor of the run and its sites; every policy refusal is recorded as an event."""
     from shared.stats_driver import run_site_queries
 

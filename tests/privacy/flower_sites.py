@@ -3,7 +3,7 @@
 Each site: a data folder with ``patients.csv``, a cache with ``signatures.csv`` (made-up signatures,
 stamped for the run), its own site config (``policy:`` with its floor, role, roster and key) passed
 through node config ``site-config`` as ``rectalfl site join`` does. The server side of a test builds
-Flower ``Message`` objects and calls ``client.client_app.sitestats(msg, context)``.
+Flower ``Message`` objects and calls ``client.client_app.stats(msg, context)``.
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ class FlowerConsortium:
         text, arrays = pack(request)
         conf = ConfigRecord({"rectalfl-config": cfg_yaml or self.cfg_yaml, "run-id": run, "request": text})
         return Message(RecordDict({"config": conf, "arrays": arrays_to_record(arrays)}), dst_node_id=1,
-                       message_type="evaluate.sitestats")
+                       message_type="evaluate.stats")
 
     def call(self, site: str, request: dict, **kw: Any) -> tuple[dict | None, Message]:
         """One request to one site's ClientApp; ``(decoded reply or None on error, the raw reply)``."""
         client_app._CACHE.clear()  # a fresh process per message, as on the Deployment Engine
-        reply = client_app.sitestats(self.message(request, **kw), self.context(site))
+        reply = client_app.stats(self.message(request, **kw), self.context(site))
         out = None
         if not reply.has_error():
             arrays = record_to_arrays(reply.content["arrays"])
