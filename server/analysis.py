@@ -159,10 +159,9 @@ def suppressions(queries: list[SiteQuery]) -> pd.DataFrame:
                                                                  "fewer than k patients of a class of their own"})
         for s, r in sorted(q.refused.items()):
             rows.append({"quantity": q.qid, "site": s, "reason": f"refused by site policy ({r.get('rule')})"})
-        if q.dropped:
-            rows.append({"quantity": q.qid, "site": ", ".join(q.dropped), "reason": "stopped answering (re-run "
-                                                                                   "without)"})
-        if q.error and not q.refused:
+        for s in (x for x in q.dropped if x not in q.refused):
+            rows.append({"quantity": q.qid, "site": s, "reason": f"left out: {q.failures.get(s) or 'stopped answering'}"})
+        if q.error and not q.refused and not q.ok:
             rows.append({"quantity": q.qid, "site": "", "reason": f"not computed: {q.error}"})
     df = pd.DataFrame(rows, columns=["quantity", "site", "reason"])
     return df.drop_duplicates().reset_index(drop=True)

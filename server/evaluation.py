@@ -49,12 +49,14 @@ def query_note(q: SiteQuery, column: str | None = None, *, curves: bool = True) 
             continue
         notes.append(f"{quantity}: {w.get('reason', '')}".strip(": "))
     notes += [f"{s} refused ({r.get('rule', '?')}): {r.get('reason', '')}" for s, r in sorted(q.refused.items())]
-    if q.dropped:
-        notes.append(f"re-run without {', '.join(q.dropped)} (stopped answering)")
+    others = [s for s in q.dropped if s not in q.refused]
+    if others:
+        why = "; ".join(f"{s}: {q.failures[s]}" for s in others if q.failures.get(s))
+        notes.append(f"without {', '.join(others)}" + (f" ({why})" if why else " (stopped answering)"))
     inc = rel.get("sites_included")
     if inc is not None and inc < len(q.participants):
         notes.append(f"{len(q.participants) - inc} site(s) excluded: fewer than k patients of a class of their own")
-    if q.error and not q.refused:
+    if q.error and not q.refused and not q.ok:
         notes.append(q.error)
     return "; ".join(dict.fromkeys(n for n in notes if n))
 

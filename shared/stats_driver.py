@@ -53,7 +53,9 @@ class SiteQuery:
     refused: dict[str, dict[str, str]] = field(default_factory=dict)
     """``{site: {"rule": ..., "reason": ...}}`` for sites whose policy refused the query."""
     dropped: list[str] = field(default_factory=list)
-    """Sites that stopped answering during the protocol (the query was re-run without them)."""
+    """Sites that refused, could not answer, or stopped answering (the query was re-run without them)."""
+    failures: dict[str, str] = field(default_factory=dict)
+    """Why each dropped site is missing."""
     rounds: int = 0
 
     def spec(self) -> dict[str, Any]:
@@ -178,7 +180,13 @@ def run_site_queries(queries: list[SiteQuery], transport: Transport, *, run: str
             if q is not None:
                 q.refused[s] = dict(why)
                 q.error = q.error or f"refused by {s}: {why.get('reason', why)}"
-        take_releases(s, rep)
+                q.dropped.append(s)  # asked again without it (its own policy applies to the others too)
+        for qid, why in (rep.get("failed") or {}).items():
+            q = by_qid.get(qid)
+            if q is not None and q.released is None:
+                q.error = q.error or f"site {s}: {why}"
+                q.dropped.append(s)
+        take_releases(s, {"released": rep.get("released") or {}})
         for sid, advert in (rep.get("adverts") or {}).items():
             for g in groups.values():
                 if sid == g.sid(run, 1):
@@ -267,6 +275,7 @@ def run_site_queries(queries: list[SiteQuery], transport: Transport, *, run: str
             left = [s for s in q.participants if s not in q.dropped]
             if q.dropped and q.released is None and left:
                 again.append(SiteQuery(q.qid, q.protocol, q.cohort, q.columns, left))
+                q.failures = {s: (q.refused[s].get("reason", "") if s in q.refused else q.error or "") for s in q.dropped}
         if again:
             logger.warning("re-running %d quer(ies) without the site(s) that dropped out", len(again))
             run_site_queries(again, transport, run=run, k=k, roles=roles, max_steps=max_steps, retry=False,
