@@ -117,6 +117,10 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return conn
 
 
+MAX_TIMESTAMP = 253402300799.0
+"""9999-12-31T23:59:59Z: a later ``online_until`` means "no deadline"."""
+
+
 def _node_fields(node: Any, now: datetime) -> tuple[str, str, str | None, str | None, float | None]:
     """``(node_id, status, last_seen, online_until, heartbeat_interval)`` of a listed node."""
     node_id = str(int(node.node_id))
@@ -127,6 +131,8 @@ def _node_fields(node: Any, now: datetime) -> tuple[str, str, str | None, str | 
     interval_f = float(interval) if interval else None
     until = None
     last_seen: str | None = _iso(now) if online else None
+    if until_ts and float(until_ts) > MAX_TIMESTAMP:
+        until_ts = None  # the simulation engine's nodes are online "forever" (online_until ~ 1e300)
     if until_ts:  # a proto3 double is 0.0 when unset
         until_dt = datetime.fromtimestamp(float(until_ts), tz=UTC)
         until = _iso(until_dt)

@@ -240,7 +240,10 @@ class Orchestrator:
         """Record each site's online status and last heartbeat in the run record (for the dashboard)."""
         from server.liveness import poll_grid
 
-        poll_grid(self.grid, self.store, self.run_id, {n.node_id: n.site for n in self.nodes}, roles=self.roles())
+        try:
+            poll_grid(self.grid, self.store, self.run_id, {n.node_id: n.site for n in self.nodes}, roles=self.roles())
+        except Exception as exc:  # noqa: BLE001 - liveness is for the dashboard; it never stops a run
+            logger.warning("could not record site liveness: %s: %s", type(exc).__name__, exc)
 
     @property
     def train_nodes(self) -> list[SiteNode]:

@@ -114,3 +114,15 @@ def test_bad_input_is_refused_clearly(tmp_path: Path, store: RunStore) -> None:
         record_node_status(store, "", [], SITES)
     with pytest.raises(ValueError, match="integer node_id"):
         record_node_status(store, RUN, [object()], SITES)
+
+
+def test_simulation_nodes_online_forever_are_recorded_without_a_deadline() -> None:
+    """Flower's simulation engine reports online_until ~ 1e300: no overflow, online, no deadline."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from server.liveness import _node_fields
+
+    node = SimpleNamespace(node_id=7, status="online", online_until=1e300, heartbeat_interval=30.0)
+    nid, status, last_seen, until, interval = _node_fields(node, datetime(2026, 1, 1, tzinfo=UTC))
+    assert (nid, status, until) == ("7", "online", None) and last_seen is not None and interval == 30.0
