@@ -421,8 +421,9 @@ class Orchestrator:
         ok = self._record_failures(stage, None, [m.metadata.dst_node_id for m in msgs], replies)
         out: dict[str, dict] = {}
         for m in ok:
-            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"]))
-            vals.update(dict(m.content["metrics"].items()))
+            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"])) if "arrays" in m.content else {}
+            if "metrics" in m.content:
+                vals.update(dict(m.content["metrics"].items()))
             out[str(m.content["site"]["name"])] = vals
         return out
 

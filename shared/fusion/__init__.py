@@ -14,12 +14,9 @@ SVM whose ``C`` and ``gamma`` are tuned by cross-validation, with Platt-scaled p
 * :mod:`shared.fusion.estimators`: :class:`FederatedSVC` (the protocol over in-memory sites,
   scikit-learn conventions) and :class:`PooledSVC` (scikit-learn's ``SVC`` + Platt on pooled rows,
   the reference).
-* :mod:`shared.fusion.legacy`: the old server-driven :class:`FusionSVMProtocol`, kept until the
-  pipeline switches to :class:`FusionSVMSite`.
 """
 
 from .estimators import FederatedSVC, PooledSVC
-from .legacy import FusionSVMProtocol, site_folds
 from .model import SVMModel, landmarks, models_from_payload, models_to_payload, rff, shapley_values, sigmoid
 from .protocol import (
     DEFAULT_C,
@@ -37,7 +34,6 @@ __all__ = [
     "LOSSES",
     "FederatedSVC",
     "FusionFit",
-    "FusionSVMProtocol",
     "FusionSVMSite",
     "PooledSVC",
     "SVMModel",
@@ -49,5 +45,4 @@ __all__ = [
     "rff",
     "shapley_values",
     "sigmoid",
-    "site_folds",
 ]

@@ -13,8 +13,7 @@ inputs) into a finite feature map that sites can sum over:
   standard deviations) a few hundred landmarks reproduce the kernel closely where patients are.
 * ``"rff"``: random Fourier features (Rahimi & Recht 2007),
   ``z(x) = sqrt(2/D) cos(x W + b)``, ``W = sqrt(2 gamma) Omega``, ``Omega ~ N(0, 1)``,
-  ``b ~ U(0, 2 pi)``: an unbiased but noisy approximation (kept for comparison and for the
-  server-driven protocol in :mod:`shared.fusion.legacy`).
+  ``b ~ U(0, 2 pi)``: an unbiased but noisy approximation (kept for comparison).
 
 Both maps are derived from the protocol's seed alone, the same on every site, and ``|phi(x)| <= 1``
 (Nystrom: a projection of ``k(x, .)``; RFF: ``<= sqrt(2)``).
