@@ -229,7 +229,7 @@ def control_client(control_address: str, ca_file: Path) -> Iterator[Any]:
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
     client = ControlHttpClient.from_server_address(
-        server_address=control_address, insecure=False, root_certificates=str(Path(ca_file).resolve()),
+        server_address=control_address, insecure=False, root_certificates=Path(ca_file).read_bytes(),
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
     try:
         yield client
