@@ -160,9 +160,19 @@ def superexec(runtime_api_address: str, secret_file: Path, allowed: list[str], a
         env[ENV_AUDIT] = str(audit_log)
     print(f"[rectalfl app gate] {site}: ClientApp tasks run only for app bundle(s) "
           f"{', '.join(h[:12] for h in allowed)}", flush=True)
+    failures = 0
     while True:
         children[:] = [c for c in children if c.poll() is None]
-        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)]))
+        try:
+            res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[str(TaskType.CLIENT_APP)]))
+        except Exception as exc:  # noqa: BLE001 - a busy or restarting SuperNode: try again later
+            failures += 1
+            wait = min(30.0, poll_s * 2 ** min(failures, 5))
+            print(f"[rectalfl app gate] claiming a task failed ({type(exc).__name__}); retrying in {wait:.0f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+            continue
+        failures = 0
         if res.HasField("task") and res.token:
             proc = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), "clientapp",
                                      "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())],

@@ -9,7 +9,8 @@ Thin, documented layers over Flower's own processes and CLI, so a Flower user re
   (``--log-file``). Flower 1.41 serves the Control API (runs, node registration), the runtime API
   (ServerApp tasks) and the Fleet API on this one port; loopback keeps the first two to the
   operator's machine.
-* ``flower-superexec`` with the same secret, which alone may claim ServerApp tasks (runtime API);
+* the operator's SuperExec (:mod:`server.superexec`) with the same secret, which alone may claim
+  ServerApp tasks (runtime API) and starts ``flwr-serverapp`` for each run;
 * the Fleet gateway (:mod:`server.gateway`) on ``deploy.superlink``, the only address hospitals
   reach: it forwards the Fleet API calls of registered SuperNodes and refuses everything else.
 
@@ -22,6 +23,7 @@ with ``flower-supernode`` (:mod:`client.join`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -204,10 +206,11 @@ def start_superlink(certs_dir: Path, address: str, flwr_home: Path, *, control_a
     procs = ServerProcesses(link, logs=out)
     try:
         wait_listening(control_address, timeout, link, out["superlink"])
-        procs.superexec = _spawn([tool("flower-superexec"), "--runtime-api-address", control_address,
+        procs.superexec = _spawn([sys.executable, "-m", "server.superexec", "--runtime-api-address", control_address,
                                   "--root-certificates", str(files["ca_cert"].resolve()),
                                   "--superexec-auth-secret-file", str(secret.resolve()),
-                                  "--parent-pid", str(link.pid)], env, out["superexec"])
+                                  "--token-dir", str(home / "tokens"), "--parent-pid", str(link.pid)],
+                                 env, out["superexec"])
         procs.gateway = _spawn([sys.executable, "-m", "server.gateway", "--listen", address, "--upstream",
                                 control_address, "--certs", str(Path(certs_dir).resolve()),
                                 "--log", str(logs / "gateway.log")], env, out["gateway"])
@@ -228,6 +231,7 @@ def control_client(control_address: str, ca_file: Path) -> Iterator[Any]:
     from flwr.supercore.control import ControlHttpClient
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
     client = ControlHttpClient.from_server_address(
         server_address=control_address, insecure=False, root_certificates=Path(ca_file).read_bytes(),
         interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI")])

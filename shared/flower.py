@@ -83,10 +83,13 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
     """A ``preexec_fn`` making the child receive ``sig`` when the process that started it dies (Linux
     ``PR_SET_PDEATHSIG``), so a killed wrapper never leaves an orphaned SuperLink or SuperNode.
-    ``None`` on other systems (a service manager's process group handles it there)."""
+
+    SIGKILL by default: this is the abnormal path (the wrapper was killed; a normal stop sends SIGTERM
+    and waits), and a Flower server with open streaming connections can take minutes to shut down on
+    SIGTERM. ``None`` on other systems (a service manager's process group handles it there)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes

@@ -249,20 +249,21 @@ def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
 
     def first_attempt() -> None:
         try:
-            first["info"] = submit_run(cfg_path, c.home, run_dir=run_dir, expected_sites=5, timeout=600)
+            first["info"] = submit_run(cfg_path, c.home, run_dir=run_dir, expected_sites=5, timeout=1200)
         except Exception as exc:  # noqa: BLE001 - the SuperLink is killed under it on purpose
             first["error"] = exc
 
     t0 = time.time()
     t = threading.Thread(target=first_attempt, daemon=True)
     t.start()
-    wait_for(lambda: completed_rounds(run_dir) >= 1 or "error" in first, 240, "round 1", logs=c.tail("superlink"))
+    # bounds, not targets: every message starts a ClientApp process per site, slow on a loaded 2-core machine
+    wait_for(lambda: completed_rounds(run_dir) >= 1 or "error" in first, 480, "round 1", logs=c.tail("superlink"))
     assert completed_rounds(run_dir) >= 1, f"the run failed before round 1: {first}\n{c.tail('superlink')}"
 
     # a hospital disappears mid-run: round 2 goes on with the two others (min_sites = 2)
     print(f"\nround 1 done after {time.time() - t0:.0f} s; killing site_c")
     c.kill("site_c")
-    wait_for(lambda: completed_rounds(run_dir) >= 2 or "error" in first or "info" in first, 240,
+    wait_for(lambda: completed_rounds(run_dir) >= 2 or "error" in first or "info" in first, 360,
              "round 2 without site_c", logs=c.tail("superlink"))
     assert completed_rounds(run_dir) == 2, f"{first}\n{c.tail('superlink')}"
 
@@ -281,7 +282,7 @@ def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
     wait_for(lambda: online(c) == len(SITES) + 1, 180, "all 5 SuperNodes online again", every=3,
              logs=c.tail("site_c") + c.tail("site_a"))
     print(f"restarted, all online after {time.time() - t0:.0f} s; resuming")
-    info = submit_run(cfg_path, c.home, run_dir=run_dir, resume=True, expected_sites=5, timeout=480)
+    info = submit_run(cfg_path, c.home, run_dir=run_dir, resume=True, expected_sites=5, timeout=900)
     print(f"resumed run finished after {time.time() - t0:.0f} s")
     assert info["status"] == "finished:completed", f"{info}\n{c.tail('superlink')}"
     assert first.get("info", {}).get("status") != "finished:completed"  # the first attempt did not complete
