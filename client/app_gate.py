@@ -121,6 +121,24 @@ def clientapp(runtime_api_address: str, parent_pid: int | None) -> None:
 
 
 # --------------------------------------------------------------------------- superexec mode
+def _die_with_parent() -> Any:
+    """SIGKILL a ClientApp when this gate dies (Linux ``PR_SET_PDEATHSIG``; as
+    ``shared.flower.die_with_parent``, repeated here because this file imports no project package)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def superexec(runtime_api_address: str, secret_file: Path, allowed: list[str], audit_log: Path | None, site: str,
               parent_pid: int | None, poll_s: float = 1.0) -> None:
     """Claim ClientApp tasks from the SuperNode and start one gated ``clientapp`` process for each."""
@@ -176,7 +194,7 @@ def superexec(runtime_api_address: str, secret_file: Path, allowed: list[str], a
         if res.HasField("task") and res.token:
             proc = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), "clientapp",
                                      "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())],
-                                    stdin=subprocess.PIPE, env=env)
+                                    stdin=subprocess.PIPE, env=env, preexec_fn=_die_with_parent())
             assert proc.stdin is not None
             proc.stdin.write(f"{res.token}\n".encode())
             proc.stdin.close()

@@ -43,7 +43,7 @@ def run(runtime_api_address: str, root_certificates: Path, secret_file: Path, to
     from flwr.supercore.runtime import RuntimeHttpClient
 
     from shared.certs import write_file
-    from shared.flower import tool
+    from shared.flower import die_with_parent, tool
 
     secret = load_superexec_auth_secret(str(secret_file))
     if parent_pid is not None:
@@ -101,7 +101,8 @@ def run(runtime_api_address: str, root_certificates: Path, secret_file: Path, to
             proc = subprocess.Popen([tool("flwr-serverapp"), "--runtime-api-address", runtime_api_address,
                                      "--token-file", str(token), "--root-certificates",
                                      str(Path(root_certificates).resolve()), "--parent-pid", str(os.getpid())],
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    preexec_fn=die_with_parent())  # Flower's own parent watch misses unreaped parents
             children[proc] = token
             logger.info("started the ServerApp of run %s (task %s)", res.task.run_id, res.task.task_id)
         time.sleep(poll_s)
