@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -130,7 +131,7 @@ def print_manifest_summary(manifest: Any, out_dir: Path, seconds: float) -> None
 
 @site_app.command("join")
 def site_join(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Site config (data_root, cache_root, deploy).")] =
+    config: Annotated[Path, typer.Option("--config", "-c", help="Site config (data_root, cache_root, deploy, policy).")] =
     Path("configs/site.example.yaml"),
     server: Annotated[str | None, typer.Option("--server", help="SuperLink HOST:PORT (default deploy.superlink).")]
     = None,
@@ -140,16 +141,32 @@ def site_join(
                                                            "folder's name).")] = None,
     data: Annotated[Path | None, typer.Option("--data", help="Site data folder (default data_root).")] = None,
     cache: Annotated[Path | None, typer.Option("--cache", help="Site cache folder (default cache_root).")] = None,
-    node_port: Annotated[int | None, typer.Option("--node-port", help="Local port of this SuperNode (unique per "
-                                                                     "SuperNode on one machine).")] = None,
+    node_port: Annotated[int | None, typer.Option("--node-port", help="Local (127.0.0.1) port of this SuperNode's "
+                                                                     "runtime API, unique per SuperNode on one "
+                                                                     "machine.")] = None,
     skip_check: Annotated[bool, typer.Option("--skip-check", help="Do not re-check the data.")] = False,
+    print_app_hash: Annotated[bool, typer.Option("--print-app-hash", help="Print the hash of the Flower app bundle "
+                                                                         "of the rectalfl installed here (what "
+                                                                         "policy.allowed_apps lists) and exit.")]
+    = False,
 ) -> None:
-    """Check the site's data, preprocess if needed, then connect this hospital to the consortium (flower-supernode)."""
-    from client.join import check_reachable, check_tls, supernode_command
+    """Check the site's data, preprocess if needed, then connect this hospital to the consortium.
+
+    Runs flower-supernode (process isolation, runtime API on 127.0.0.1 with a secret) and the site's
+    app gate, which runs ClientApp tasks only for the app bundles the site approved
+    (policy.allowed_apps; by default the rectalfl installed here). SIGTERM or Ctrl-C leaves cleanly.
+    """
+    from client.join import allowed_apps, check_reachable, check_tls, gate_command, supernode_command
     from client.preprocess import preprocess_site
     from shared.cohort import CohortError, check_site
-    from shared.flower import DeployError
+    from shared.flower import APP_DIR, DeployError, app_hash, private_dir
 
+    if print_app_hash:
+        try:
+            out.print(app_hash(APP_DIR), highlight=False)
+        except DeployError as exc:
+            fail(str(exc))
+        raise typer.Exit(0)
     overrides = {k: str(v) for k, v in {"data_root": data, "cache_root": cache}.items() if v is not None}
     if node_port is not None:
         overrides["deploy.node_port"] = str(node_port)
@@ -164,6 +181,10 @@ def site_join(
         fail(f"site key {site_key} not found; the operator creates it with `rectalfl certs add-site NAME`")
     site_dir, cache_dir = Path(cfg.data_root), Path(cfg.cache_root)
     site = name or d.site_name or site_dir.resolve().name
+    try:
+        allowed, source = allowed_apps(list(cfg.policy.allowed_apps))
+    except DeployError as exc:
+        fail(str(exc))
     if not skip_check:
         with progress_bar(f"checking {site}") as cb:
             try:
@@ -184,68 +205,100 @@ def site_join(
         check_tls(superlink, Path(ca))
     except DeployError as exc:
         fail(str(exc))
+    home = private_dir(Path(d.site_flwr_home) if d.site_flwr_home else cache_dir / "flower")
+    secret = home / "superexec.secret"
     cmd = supernode_command(superlink, Path(ca), Path(site_key), site=site, data_dir=site_dir, cache_dir=cache_dir,
-                            device=None if cfg.train.device == "auto" else cfg.train.device, node_port=d.node_port)
-    out.print(f"joining {superlink} as {site} (data stays in {site_dir}; audit log {cache_dir}/audit.jsonl). "
-                  "Ctrl-C leaves the consortium.")
-    run_supervised(cmd, Path(site_key))
+                            secret_file=secret, device=None if cfg.train.device == "auto" else cfg.train.device,
+                            node_port=d.node_port, site_config=config if Path(config).is_file() else None)
+    audit_log = cache_dir.resolve() / "audit.jsonl"
+    out.print(f"joining {superlink} as {site} (data stays in {site_dir}; audit log {audit_log}). This site runs only "
+              f"app bundle(s) {', '.join(h[:12] for h in allowed)} ({source}). Ctrl-C leaves the consortium.",
+              highlight=False)
+    run_supervised(cmd, Path(site_key), home=home, secret=secret, site=site,
+                   gate=lambda pid: gate_command(d.node_port, secret, allowed, site=site, audit_log=audit_log,
+                                                 parent_pid=pid))
 
 
-def run_supervised(cmd: list[str], site_key: Path, *, retry_s: float = 10.0, max_quick_failures: int = 5) -> None:
-    """Run flower-supernode in the foreground and keep this site in the consortium.
+def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, site: str,
+                   gate: Callable[[int], list[str]], retry_s: float = 10.0, max_quick_failures: int = 5) -> None:
+    """Run flower-supernode and the app gate in the foreground and keep this site in the consortium.
 
     Flower's SuperNode stops when it loses its SuperLink (e.g. the server restarted); this restarts it
-    after ``retry_s`` seconds. A refused or unreadable key stops for good, with what to do; so do
-    ``max_quick_failures`` consecutive exits before ever connecting. Ctrl-C leaves.
+    (and its gate, with a fresh SuperExec secret) after ``retry_s`` seconds. A refused or unreadable
+    key stops for good, with what to do; so do ``max_quick_failures`` consecutive exits before ever
+    connecting. Ctrl-C or SIGTERM leaves: both processes are stopped, none is left behind (they also
+    receive SIGTERM if this process is killed, see :func:`shared.flower.die_with_parent`).
     """
     from client.join import BAD_KEY, REFUSED, explain_supernode_exit
-    from shared.flower import flwr_env
-
+    from shared.flower import die_with_parent, flwr_env, new_secret
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)  # `kill` (or a service manager) leaves cleanly, SuperNode included
+    env = flwr_env(home)
     quick = 0
     while True:
         t0 = time.time()
-        # own process group: its helper processes (flower-superexec) go with it
-        proc = subprocess.Popen(cmd, env=flwr_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+        new_secret(secret)
         tail: list[str] = []
         state = {"connected": False}
+        # own process groups: their helper processes (ClientApps) go with them
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=die_with_parent())
+        gate_proc = subprocess.Popen(gate(proc.pid), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True, preexec_fn=die_with_parent())
 
-        def pump(stream=proc.stdout, tail=tail, state=state) -> None:
+        def pump(stream: Any, keep: bool, tail: list[str] = tail, state: dict = state) -> None:
             for line in stream:
                 sys.stdout.write(line)
                 sys.stdout.flush()
-                state["connected"] = state["connected"] or "SuperNode ID" in line
-                tail.append(line)
-                del tail[:-60]
+                if keep:
+                    state["connected"] = state["connected"] or "SuperNode ID" in line
+                    tail.append(line)
+                    del tail[:-60]
 
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+        readers = [threading.Thread(target=pump, args=(proc.stdout, True), daemon=True),
+                   threading.Thread(target=pump, args=(gate_proc.stdout, False), daemon=True)]
+        for r in readers:
+            r.start()
         try:
-            code = proc.wait()
+            while proc.poll() is None and gate_proc.poll() is None:
+                time.sleep(0.5)
         except KeyboardInterrupt:
-            _killpg(proc, signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _killpg(proc, signal.SIGKILL)
+            _stop_all([(proc, signal.SIGINT), (gate_proc, signal.SIGTERM)])
             raise typer.Exit(0) from None
-        reader.join(timeout=3)
-        _killpg(proc, signal.SIGTERM)
+        if gate_proc.poll() is not None and proc.poll() is None:
+            console.print(f"[yellow]the app gate stopped (exit {gate_proc.returncode}); restarting the SuperNode[/]")
+        _stop_all([(gate_proc, signal.SIGTERM), (proc, signal.SIGTERM)])
+        code = proc.returncode
+        readers[0].join(timeout=3)
         connected = state["connected"]
         text = "".join(tail)
         if BAD_KEY.search(text) or REFUSED.search(text):
-            fail(explain_supernode_exit(code, text, site_key), 1)
+            fail(explain_supernode_exit(code, text, site_key, site), 1)
         quick = 0 if connected or time.time() - t0 > 60 else quick + 1
         if quick >= max_quick_failures:
-            fail(explain_supernode_exit(code, text, site_key), 1)
+            fail(explain_supernode_exit(code, text, site_key, site), 1)
         console.print(f"[yellow]the SuperNode stopped (exit {code}); reconnecting in {retry_s:.0f} s[/] "
                           "(Ctrl-C to leave)")
         time.sleep(retry_s)
+
+
+def _stop_all(procs: list[tuple[subprocess.Popen, int]], timeout: float = 10.0) -> None:
+    """Signal each process group, wait up to ``timeout`` s, then SIGKILL what is left."""
+    for p, sig in procs:
+        if p.poll() is None:
+            _killpg(p, sig)
+    deadline = time.time() + timeout
+    for p, _ in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            _killpg(p, signal.SIGKILL)
+            p.wait(timeout=10)
+    for p, _ in procs:  # helper processes left in the groups (ClientApps)
+        _killpg(p, signal.SIGTERM)
 
 
 def _killpg(proc: subprocess.Popen, sig: int) -> None:

@@ -1,11 +1,16 @@
-"""Joining a consortium from a hospital (``rectalfl site join``): checks, then flower-supernode.
+"""Joining a consortium from a hospital (``rectalfl site join``): checks, then the SuperNode and the app gate.
 
 Runs on the hospital's machine. Before anything starts, the checks turn the usual failures into
 what to do: an unreachable server, a certificate the consortium CA does not vouch for, a key the
-SuperLink refuses. The SuperNode runs as::
+SuperLink refuses. Then two processes run, both under ``rectalfl site join``'s supervision::
 
     flower-supernode --superlink HOST:PORT --root-certificates ca.crt \\
-        --auth-supernode-private-key site.key --node-config "site-name=... data-dir=... cache-dir=..."
+        --auth-supernode-private-key site.key --node-config "site-name=... data-dir=... cache-dir=..." \\
+        --isolation process --superexec-auth-secret-file <flwr_home>/superexec.secret \\
+        --host 127.0.0.1 --port NODE_PORT
+    python -P client/app_gate.py superexec ...   # claims ClientApp tasks; approved app bundles only
+
+with ``FLWR_HOME`` in the site's own folder (``deploy.site_flwr_home``, default ``<cache>/flower``).
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import sys
 from pathlib import Path
 
-from shared.flower import DeployError, split_address, tool
+from shared.flower import APP_DIR, DeployError, app_hash, split_address, tool
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -55,29 +61,74 @@ def check_tls(address: str, ca_file: Path, timeout: float = 5.0) -> None:
 
 
 def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: str, data_dir: Path, cache_dir: Path,
-                      device: str | None = None, node_port: int = 9094, max_retries: int | None = None) -> list[str]:
-    """The flower-supernode command line; without ``max_retries`` it keeps reconnecting (e.g. while the
-    SuperLink restarts), as a hospital's node should."""
+                      secret_file: Path, device: str | None = None, node_port: int = 9094,
+                      site_config: Path | None = None, max_retries: int | None = None) -> list[str]:
+    """The flower-supernode command line.
+
+    ``--isolation process``: the SuperNode starts no app process itself; the site's app gate
+    (:mod:`client.app_gate`, :func:`gate_command`) claims ClientApp tasks from its runtime API on
+    127.0.0.1:``node_port``, where claiming a task needs the SuperExec secret in ``secret_file``.
+    Without ``max_retries`` it keeps reconnecting (e.g. while the SuperLink restarts), as a hospital's
+    node should.
+    """
     node_config = f"site-name='{site}' data-dir='{Path(data_dir).resolve()}' cache-dir='{Path(cache_dir).resolve()}'"
+    if site_config is not None:
+        node_config += f" site-config='{Path(site_config).resolve()}'"
     if device:
         node_config += f" device='{device}'"
     return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(Path(ca_file).resolve()),
             "--auth-supernode-private-key", str(Path(key_file).resolve()), "--node-config", node_config,
+            "--isolation", "process", "--superexec-auth-secret-file", str(Path(secret_file).resolve()),
             "--host", "127.0.0.1", "--port", str(node_port),
             *(["--max-retries", str(max_retries)] if max_retries is not None else [])]
+
+
+def gate_command(node_port: int, secret_file: Path, allowed: list[str], *, site: str, audit_log: Path,
+                 parent_pid: int | None = None) -> list[str]:
+    """The site's app gate in SuperExec mode (see :mod:`client.app_gate`), run by path with ``python -P``
+    so it imports nothing of the project (the app's code comes from the approved bundle only)."""
+    cmd = [sys.executable, "-P", str(Path(__file__).with_name("app_gate.py").resolve()), "superexec",
+           "--runtime-api-address", f"127.0.0.1:{node_port}", "--secret-file", str(Path(secret_file).resolve()),
+           "--site", site, "--audit-log", str(Path(audit_log).resolve())]
+    for h in allowed:
+        cmd += ["--allowed", h]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
+
+
+APP_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def allowed_apps(configured: list[str]) -> tuple[list[str], str]:
+    """The app bundle hashes this site runs, and where they come from.
+
+    ``policy.allowed_apps`` when set (each a SHA-256 in hex, as ``rectalfl site join --print-app-hash``
+    prints); otherwise the hash of the rectalfl installed here, i.e. the site runs exactly the code it
+    installed and reviewed.
+    """
+    if configured:
+        bad = [h for h in configured if not APP_HASH.match(h.strip().lower().removeprefix("sha256:"))]
+        if bad:
+            raise DeployError(f"policy.allowed_apps: {bad[0]!r} is not an app hash (64 hex characters, as printed by "
+                              "`rectalfl site join --print-app-hash` on the release you reviewed)")
+        return [h.strip().lower().removeprefix("sha256:") for h in configured], "policy.allowed_apps"
+    return [app_hash(APP_DIR)], f"the rectalfl installed in {APP_DIR}"
 
 
 REFUSED = re.compile(r"Exit Code: 305|Failed to activate SuperNode|code: 2004")
 BAD_KEY = re.compile(r"Exit Code: 302|Unable to parse the private key")
 
 
-def explain_supernode_exit(code: int, output: str, key_file: Path) -> str:
+def explain_supernode_exit(code: int, output: str, key_file: Path, site: str | None = None) -> str:
     """A message for a SuperNode that stopped, from its exit code and log."""
     if BAD_KEY.search(output):
         return (f"{key_file} is not a SuperNode key (EC private key in OpenSSH format); use the site.key the "
                 "operator made with `rectalfl certs add-site`")
     if REFUSED.search(output):
-        return ("the SuperLink refused this site's key: it is not registered. Ask the operator to run "
-                "`rectalfl certs add-site NAME` (if not done), then restart `rectalfl server start` or register the "
-                "key with `flwr supernode register certs/sites/NAME/site.pub`")
+        who = site or "NAME"
+        return (f"the SuperLink refused this site's key ({key_file}): it is not registered, or it was revoked. The "
+                f"operator lists {who} in deploy.sites of the server config, creates its key if needed "
+                f"(`rectalfl certs add-site {who}`; a revoked key: `rectalfl certs rotate-site {who}`) and restarts "
+                "its `rectalfl server start`, which registers exactly the listed sites")
     return f"flower-supernode stopped with exit code {code}:\n{output[-1500:]}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,10 +17,22 @@ from shared.cli import console, fail, load, out
 
 certs_app = typer.Typer(help="Operator: the consortium's CA, the SuperLink certificate and the sites' keys.",
                         no_args_is_help=True)
-server_app = typer.Typer(help="Operator: run the SuperLink (TLS + SuperNode authentication).", no_args_is_help=True)
+server_app = typer.Typer(help="Operator: run the closed SuperLink (TLS, SuperNode authentication, Fleet API only "
+                              "for the hospitals).", no_args_is_help=True)
 
 DirOpt = Annotated[Path, typer.Option("--dir", "-d", help="Certificate folder.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace existing files.")]
+ServerConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", "-c", help="Server config: its deploy.certs_dir replaces --dir, and the running SuperLink "
+                           "(deploy.control_address) is updated too.")]
+
+
+def _certs_target(folder: Path, config: Path | None) -> tuple[Path, Any]:
+    """The certificate folder and, with a server config, its deploy section."""
+    if config is None:
+        return folder, None
+    d = load(config).deploy
+    return Path(d.certs_dir), d
 
 
 @certs_app.command("init")
@@ -38,7 +50,7 @@ def certs_init(
     except CertError as exc:
         fail(str(exc))
     out.print(f"CA: {files['ca_cert']} (send to every site)\nkeep private: {files['ca_key']}, "
-                     f"{files['server_key']}\nnext: rectalfl certs add-site NAME --dir {folder}")
+              f"{files['server_key']}\nnext: rectalfl certs add-site NAME --dir {folder}")
 
 
 @certs_app.command("add-site")
@@ -55,49 +67,131 @@ def certs_add_site(
     except CertError as exc:
         fail(str(exc))
     out.print(f"{name}: private key {files['key']} (give to {name} with {folder}/ca.crt), public key "
-                     f"{files['pub']} (registered by `rectalfl server start`)")
+              f"{files['pub']}. List {name} in deploy.sites of the server config; `rectalfl server start` "
+              "registers exactly those sites")
+
+
+@certs_app.command("revoke")
+def certs_revoke(
+    name: Annotated[str, typer.Argument(help="The site whose key is revoked.")],
+    folder: DirOpt = Path("certs"),
+    config: ServerConfigOpt = None,
+) -> None:
+    """Revoke a site's key: unregister its node from the running SuperLink and never register the key again."""
+    from server.deploy import revoke
+    from shared.certs import CertError
+
+    certs, d = _certs_target(folder, config)
+    try:
+        done = revoke(certs, name, d.control_address if d is not None else None)
+    except CertError as exc:
+        fail(str(exc))
+    nodes = ", ".join(str(n) for n in done["unregistered"]) or "none online"
+    out.print(f"{name}: key {done['fingerprint']} revoked (files moved to {done['moved_to']}); SuperLink "
+              f"{done['superlink']}, node(s) unregistered: {nodes}. Remove {name} from deploy.sites, or give it a new "
+              f"key with `rectalfl certs rotate-site {name}" + (f" --config {config}`" if config else f" --dir {certs}`"),
+              highlight=False)
+
+
+@certs_app.command("rotate-site")
+def certs_rotate_site(
+    name: Annotated[str, typer.Argument(help="The site that gets a new key.")],
+    folder: DirOpt = Path("certs"),
+    config: ServerConfigOpt = None,
+) -> None:
+    """Give a site a new key pair: the old key is revoked (and unregistered), the new one registered."""
+    from server.deploy import register_sites, revoke
+    from shared.certs import CertError, add_site
+
+    certs, d = _certs_target(folder, config)
+    try:
+        if (Path(certs) / "sites" / name / "site.pub").is_file():
+            revoke(certs, name, d.control_address if d is not None else None)
+        files = add_site(certs, name)
+    except CertError as exc:
+        fail(str(exc))
+    registered = "it is registered at the next `rectalfl server start`"
+    if d is not None and name in d.sites:
+        try:
+            registered = register_sites(certs, d.control_address, d.sites).get(name, registered)
+        except Exception as exc:  # noqa: BLE001 - SuperLink not running: the next `server start` registers it
+            registered = f"SuperLink not reachable ({type(exc).__name__}); {registered}"
+    out.print(f"{name}: new private key {files['key']} (give it to {name}, replacing the old one); {registered}",
+              highlight=False)
+
+
+@certs_app.command("renew-server")
+def certs_renew_server(
+    folder: DirOpt = Path("certs"),
+    host: Annotated[list[str] | None, typer.Option("--host", help="Another host name or IP the sites use "
+                                                               "(repeatable); the current ones are kept.")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days (capped at the CA's).")] = 825,
+) -> None:
+    """Re-issue the SuperLink's certificate with the same CA (renewal and/or more host names)."""
+    from shared.certs import CertError, renew_server
+
+    try:
+        names = renew_server(folder, list(host or []), days=days)
+    except CertError as exc:
+        fail(str(exc))
+    out.print(f"{folder}/server.crt now valid for {', '.join(names)}; sites keep their ca.crt. Restart "
+              "`rectalfl server start` to use it.")
 
 
 @server_app.command("start")
 def server_start(
     config: Annotated[Path, typer.Option("--config", "-c", help="Server config (deploy section).")] =
     Path("configs/server.example.yaml"),
-    log: Annotated[Path | None, typer.Option("--log", help="SuperLink log file (default <flwr_home>/superlink.log).")]
-    = None,
 ) -> None:
-    """Start flower-superlink with TLS and SuperNode authentication, register every site key, wait (Ctrl-C stops)."""
+    """Start the closed SuperLink, register exactly deploy.sites, and wait (Ctrl-C or SIGTERM stops it).
+
+    flower-superlink listens on deploy.control_address (loopback: runs, node registration and the
+    ServerApp's runtime API are for this machine only); hospitals reach only the Fleet gateway on
+    deploy.superlink.
+    """
+    import time
+
     from server.deploy import register_sites, start_superlink
     from shared.certs import CertError
     from shared.flower import DeployError
 
     cfg = load(config)
     d = cfg.deploy
-    log = log or (d.flwr_home / "superlink.log")
+    if not d.sites:
+        fail(f"deploy.sites in {config} is empty: list the consortium's sites (the names given to `rectalfl certs "
+             "add-site`); exactly those keys are registered")
     try:
-        proc = start_superlink(d.certs_dir, d.superlink, d.flwr_home, log, connection=d.connection,
-                               database=d.database)
+        procs = start_superlink(d.certs_dir, d.superlink, d.flwr_home, control_address=d.control_address,
+                                connection=d.connection, database=d.database)
     except (DeployError, CertError) as exc:
         fail(str(exc))
     try:
-        registered = register_sites(d.certs_dir, d.flwr_home, d.connection)
-    except DeployError as exc:
-        proc.terminate()
+        actions = register_sites(d.certs_dir, d.control_address, d.sites)
+    except (DeployError, CertError) as exc:
+        procs.stop()
         fail(str(exc))
-    out.print(f"SuperLink listening on {d.superlink} (TLS, SuperNode authentication), log {log}")
-    for site, node in registered.items():
-        out.print(f"  registered {site}: node {node}")
-    if not registered:
-        out.print(f"[yellow]no site keys in {d.certs_dir}/sites yet[/]: `rectalfl certs add-site NAME`, then "
-                      "restart this command")
+    logs = Path(d.flwr_home) / "logs"
+    out.print(f"SuperLink up: hospitals connect to {d.superlink} (Fleet API only; TLS + SuperNode authentication); "
+              f"runs, node registration and the runtime API on {d.control_address} (this machine only). Logs in "
+              f"{logs}.", highlight=False)
+    for site, what in actions.items():
+        out.print(f"  {site}: {what}", highlight=False)
     out.print(f"Flower CLI connection '{d.connection}' in {d.flwr_home}/config.toml; submit with "
-                  f"`rectalfl run --config {config}`. Ctrl-C stops the SuperLink.")
-    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+              f"`rectalfl run --config {config}`. Ctrl-C stops the SuperLink.", highlight=False)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # a service manager's stop: same clean shutdown as Ctrl-C
     try:
-        code = proc.wait()
+        while (gone := procs.exited()) is None:
+            time.sleep(1.0)
     except KeyboardInterrupt:
-        proc.terminate()
-        code = proc.wait(timeout=30)
-    raise typer.Exit(0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else 1)
+        procs.stop()
+        raise typer.Exit(0) from None
+    procs.stop()
+    fail(f"{gone[0]} stopped (exit {gone[1]}); the others were stopped too. Its output:\n{procs.tail(gone[0])}\n"
+         f"Flower's log: {logs / 'superlink.log'}", 1)
 
 
 def run_command(
@@ -108,31 +202,58 @@ def run_command(
     resume: Annotated[Path | None, typer.Option("--resume", help="Continue this run directory from its last "
                                                              "completed round.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also stream the ServerApp's log here.")] = False,
 ) -> None:
-    """Submit the pipeline to the running SuperLink (`flwr run <app> <connection>`) and wait for it."""
+    """Submit the pipeline to the running SuperLink (`flwr run <app> <connection>`) and follow it to the summary."""
+    import time
+
     from server.deploy import submit_run
     from server.pipeline import new_run_dir
-    from shared.certs import site_public_keys
-    from shared.flower import DeployError
+    from server.progress import RunProgress
+    from shared.flower import APP_DIR, DeployError, app_hash
 
     cfg = load(config)
     d = cfg.deploy
     target = (resume or run_dir or new_run_dir(cfg)).resolve()
-    n_sites = len(site_public_keys(d.certs_dir)) or None
-    out.print(f"submitting to '{d.connection}' ({d.superlink}); run directory {target}")
+    if not d.sites:
+        fail(f"deploy.sites in {config} is empty: list the consortium's sites (the server waits for them)")
+    logs = Path(d.flwr_home).resolve() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"serverapp-{target.name}.log"
     try:
-        info = submit_run(config, d.flwr_home, connection=d.connection, run_dir=target, resume=resume is not None,
-                          expected_sites=n_sites, stream=sys.stdout, timeout=timeout)
+        digest = app_hash(APP_DIR)
     except DeployError as exc:
         fail(str(exc))
-    status = str(info.get("status", "unknown"))
-    if status == "finished:completed":
+    out.print(f"submitting app bundle sha256:{digest} to '{d.connection}' ({d.control_address}); sites must list "
+              f"it in policy.allowed_apps or run this same release.\nrun directory {target}\nServerApp log {log_path}",
+              highlight=False)
+    t0 = time.time()
+    progress = RunProgress(target, t0=t0)
+    with open(log_path, "a") as log_fh, console.status("submitting") as status:
+        def on_poll() -> None:
+            lines, line = progress.poll()
+            for text in lines:
+                out.print(text, highlight=False)
+            status.update(line)
+
+        try:
+            info = submit_run(config, d.flwr_home, connection=d.connection, run_dir=target, resume=resume is not None,
+                              expected_sites=len(d.sites), stream=sys.stdout if verbose else log_fh,
+                              timeout=timeout, on_poll=on_poll,
+                              on_submitted=lambda rid: out.print(f"Flower run {rid} accepted; waiting for "
+                                                                 f"{len(d.sites)} site(s)", highlight=False))
+        except DeployError as exc:
+            fail(f"{exc}\nServerApp log: {log_path}")
+        on_poll()
+    status_text = str(info.get("status", "unknown"))
+    if status_text == "finished:completed":
         from server.summary import print_summary
 
-        print_summary(target, out)
+        print_summary(target, out, seconds=time.time() - t0)
         raise typer.Exit(0)
-    fail(f"run {info.get('run-id')} ended {status}: {info.get('status-details', '')}\nthe run record in "
-              f"{target} keeps what finished; continue with `rectalfl run --config {config} --resume {target}`", 1)
+    fail(f"run {info.get('run-id')} ended {status_text}: {info.get('status-details', '')}\nthe run record in "
+         f"{target} keeps what finished; continue with `rectalfl run --config {config} --resume {target}`"
+         f"\nServerApp log: {log_path}", 1)
 
 
 def report(

@@ -9,6 +9,7 @@ fail a round as long as ``federation.min_sites`` replied.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -61,6 +62,39 @@ class _SubsetGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self._ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class _ProgressGrid:
+    """A view of a Grid that counts message exchanges per stage into ``<run_dir>/progress.json``.
+
+    ``rectalfl run`` reads it (with the run record) to show how far signatures, evaluation and the
+    fusion analysis are; it is never needed to resume or report a run.
+    """
+
+    def __init__(self, grid: Grid, path: Path, stage_of: Any):
+        self._grid = grid
+        self._path = Path(path)
+        self._stage_of = stage_of
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
+        msgs = list(messages)
+        replies = list(self._grid.send_and_receive(msgs, *args, **kwargs))
+        try:
+            stage = str(self._stage_of() or "run")
+            c = self.counts.setdefault(stage, {"exchanges": 0, "messages": 0, "replies": 0})
+            c["exchanges"] += 1
+            c["messages"] += len(msgs)
+            c["replies"] += sum(not m.has_error() for m in replies)
+            tmp = self._path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps({"updated_at": time.time(), "stages": self.counts}))
+            tmp.replace(self._path)
+        except Exception as exc:  # noqa: BLE001 - progress is a courtesy, never a failure
+            logger.debug("progress not written: %s", exc)
+        return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -120,7 +154,7 @@ class Orchestrator:
     def __init__(self, grid: Grid, cfg: RectalFLConfig, run_dir: Path, store: Any, run_id: str, *,
                  sim_sites: list[dict] | None = None, external_sites: Iterable[str] = (),
                  timeout: float = 3600.0, expected_nodes: int | None = None):
-        self.grid = grid
+        self.grid = grid if grid is None else _ProgressGrid(grid, Path(run_dir) / "progress.json", self._running_stage)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.store = store
@@ -131,7 +165,14 @@ class Orchestrator:
         self.expected_nodes = expected_nodes
         self.nodes: list[SiteNode] = []
         self.floors: dict[str, int] = {}
+        self.refused: set[int] = set()
+        """Deployment: node ids refused for their identity (never asked again this run)."""
         self.cfg_yaml = cfg.to_yaml()
+
+    def _running_stage(self) -> str | None:
+        stages = self.store.stages(self.run_id)
+        running = stages[stages["status"] == "running"]
+        return str(running["name"].iloc[-1]) if len(running) else None
 
     # ------------------------------------------------------------------ messaging
     def _config(self, **extra: Any) -> ConfigRecord:
@@ -198,11 +239,24 @@ class Orchestrator:
         return self.nodes
 
     def _describe(self, ids: list[int]) -> list[SiteNode]:
+        ids = [i for i in ids if i not in self.refused]
+        if not ids:
+            return []
+        registered = self._registered_nodes()
         replies = self._send(ids, "query.describe", RecordDict({"config": self._config()}))
         ok = self._record_failures("discover", None, ids, replies)
         nodes = []
         for m in ok:
             info = unpack_json(str(m.content["info"]["info"]))
+            nid = m.metadata.src_node_id
+            if registered is not None:
+                problem = identity_problem(registered.get(nid), str(info.get("site")), self.cfg)
+                if problem is not None:
+                    self.refused.add(nid)
+                    self.store.event(self.run_id, "identity_mismatch", problem["message"], level="error",
+                                     site=problem["registered"] or str(info.get("site")), detail=problem)
+                    logger.error("refused node %s: %s", nid, problem["message"])
+                    continue
             own_role = str(info.get("role") or "")
             role = own_role or ("external" if info["site"] in self.external else "train")
             if own_role and (own_role == "external") != (info["site"] in self.external):
@@ -210,16 +264,23 @@ class Orchestrator:
                                  level="warning", site=info["site"])
             counts = {k: int(v) for k, v in info.items() if k.startswith("patients-")}
             self.floors[info["site"]] = int(info.get("min-cell-count", 0))
-            nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))
+            nodes.append(SiteNode(nid, info["site"], role, counts))
             self.store.event(self.run_id, "site_joined", f"{info['site']} joined as {role}", site=info["site"],
                              detail=counts)
         return nodes
+
+    def _registered_nodes(self) -> dict[int, Any] | None:
+        """Deployment: ``{node id: Flower NodeInfo}`` (the name and public key the operator registered);
+        None on the simulation engine, whose virtual nodes have no keys (they map by partition-id)."""
+        if self.sim_sites is not None:
+            return None
+        return {int(n.node_id): n for n in self.grid.get_nodes()}
 
     def refresh_nodes(self, rnd: int | None = None) -> bool:
         """Deployment: a site that reconnected has a new node id; find it again. True if any node changed."""
         if self.sim_sites is not None:
             return False
-        known = {n.node_id for n in self.nodes}
+        known = {n.node_id for n in self.nodes} | self.refused
         new = [i for i in self.grid.get_node_ids() if i not in known]
         if not new:
             return False
@@ -426,6 +487,45 @@ class Orchestrator:
                 vals.update(dict(m.content["metrics"].items()))
             out[str(m.content["site"]["name"])] = vals
         return out
+
+
+def identity_problem(node: Any, claimed: str, cfg: RectalFLConfig) -> dict[str, Any] | None:
+    """Why a deployment node may not take part as ``claimed`` (None when it may).
+
+    A node is the site whose public key it authenticated with: the SuperLink registered that key
+    under the site's name (``rectalfl server start``; Flower's ``NodeInfo`` carries both). It is
+    refused when it has no registered name, when that name is not in ``deploy.sites`` (if listed),
+    when its key differs from ``<deploy.certs_dir>/sites/<name>/site.pub`` (if that file is readable
+    here), or when its self-reported ``site-name`` differs from the registered one (one hospital
+    shadowing another).
+    """
+    from shared.certs import CertError, key_fingerprint
+
+    nid = int(getattr(node, "node_id", 0) or 0)
+    registered = str(getattr(node, "name", "") or "")
+    detail: dict[str, Any] = {"node_id": str(nid), "claimed": claimed, "registered": registered}
+    try:
+        fp = key_fingerprint(bytes(getattr(node, "public_key", b"") or b""))
+    except CertError:
+        fp = None
+    detail["fingerprint"] = fp
+    if node is None or not registered:
+        return {**detail, "message": f"node {nid} calls itself {claimed} but has no registered site name: only keys "
+                                     "registered by `rectalfl server start` (deploy.sites) may take part"}
+    if cfg.deploy.sites and registered not in cfg.deploy.sites:
+        return {**detail, "message": f"node {nid} is registered as {registered}, which is not in deploy.sites"}
+    pub = Path(cfg.deploy.certs_dir) / "sites" / registered / "site.pub"
+    if pub.is_file():
+        try:
+            if fp != key_fingerprint(pub):
+                return {**detail, "message": f"node {nid} is registered as {registered} with a key that is not "
+                                             f"{pub}: it is refused (re-register with `rectalfl server start`)"}
+        except CertError:
+            pass
+    if claimed != registered:
+        return {**detail, "message": f"node {nid} authenticated with {registered}'s key but calls itself {claimed}: "
+                                     "refused (its site-name must match the key the operator registered)"}
+    return None
 
 
 def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:

@@ -294,6 +294,39 @@ class DeployConfig(_Section):
     default <flwr_home>/superlink.db. ``:memory:`` keeps the state in memory only."""
     connection: str = Field("rectalfl", pattern=r"^[A-Za-z0-9_-]+$")
     """Operator: name of the SuperLink connection in flwr_home/config.toml."""
+    sites: list[str] = Field(default_factory=list)
+    """Operator: the consortium's sites (names as given to `rectalfl certs add-site`). `server start`
+    registers exactly these keys and `rectalfl run` waits for these sites; a node whose registered
+    key is not one of them, or whose self-reported name differs from its key's, is refused."""
+    control_address: str = Field("127.0.0.1:9092", pattern=r"^[^\s:]+:\d{1,5}$")
+    """Operator: where flower-superlink itself listens (Control API for `flwr` / `rectalfl run`, the
+    ServerApp's runtime API, and the Fleet API behind the gateway on `superlink`). Loopback only:
+    Flower 1.41 has no account authentication on the Control API."""
+    site_flwr_home: Path | None = None
+    """Site: Flower's working folder for this SuperNode (installed apps, state, runtime secret);
+    default <cache_root>/flower, so nothing lands in the service user's home."""
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_sites(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"site names must be unique, got {v}")
+        return v
+
+    @field_validator("control_address")
+    @classmethod
+    def _loopback(cls, v: str) -> str:
+        import ipaddress
+
+        host = v.rpartition(":")[0].strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(f"{host} is not a loopback address: the Control API (run submission, node "
+                             "registration) must be reachable from the operator's machine only, e.g. 127.0.0.1:9092")
+        return v
 
 
 class RectalFLConfig(_Section):

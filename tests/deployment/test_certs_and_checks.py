@@ -49,7 +49,7 @@ def test_cert_errors_say_what_to_do(tmp_path):
     with pytest.raises(CertError, match="site name"):
         add_site(tmp_path, "../evil")
     add_site(tmp_path, "site_a")
-    with pytest.raises(CertError, match="--force"):
+    with pytest.raises(CertError, match="rotate-site site_a"):
         add_site(tmp_path, "site_a")
 
 
@@ -107,8 +107,8 @@ def test_certificate_from_another_ca_is_refused(tmp_path):
 
 
 def test_supernode_exit_explanations():
-    assert "not registered" in explain_supernode_exit(1, "ERROR: Exit Code: 305\nFailed to activate SuperNode",
-                                                      Path("k"))
+    msg = explain_supernode_exit(1, "ERROR: Exit Code: 305\nFailed to activate SuperNode", Path("k"), "site_q")
+    assert "not registered" in msg and "`rectalfl certs add-site site_q`" in msg and "rotate-site site_q" in msg
     assert "OpenSSH" in explain_supernode_exit(1, "Exit Code: 302 Unable to parse the private key file", Path("k"))
     assert "exit code 7" in explain_supernode_exit(7, "boom", Path("k"))
 
@@ -156,14 +156,21 @@ def test_non_finite_and_outlier_updates_are_rejected(tmp_path, run_identity):
 
 # ------------------------------------------------------------------ rejoin under a new node id
 class _FakeGrid:
-    """Answers ``query.describe`` for whichever nodes are connected (node id -> site name)."""
+    """Answers ``query.describe`` for whichever nodes are connected (node id -> claimed site name); the
+    SuperLink's node info registers each node under ``registered`` (default: its claimed name)."""
 
-    def __init__(self, nodes: dict[int, str]):
+    def __init__(self, nodes: dict[int, str], registered: dict[int, str] | None = None):
         self.nodes = dict(nodes)
+        self.registered = dict(registered or {})
         self.asked: list[list[int]] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, name=self.registered.get(n, s)) for n, s in self.nodes.items()]
 
     def send_and_receive(self, messages, timeout=None):
         from flwr.app import ConfigRecord, Message, RecordDict

@@ -1,15 +1,20 @@
-"""A real consortium on one machine: flower-superlink + one `rectalfl site join` (supervising a
-flower-supernode) per hospital, as separate processes, with TLS and SuperNode authentication.
+"""A real consortium on one machine: `rectalfl server start` (the closed SuperLink: flower-superlink on
+a loopback control address, flower-superexec, the Fleet gateway) + one `rectalfl site join`
+(supervising flower-supernode and the site's app gate) per hospital, as separate processes, with TLS
+and SuperNode authentication.
 
-One run carries the reliability scenarios, so the fixed costs of a run (ServerApp start, discovery,
-signatures, evaluation) are paid twice instead of four times:
+One run carries the reliability and identity scenarios, so the fixed costs of a run (ServerApp start,
+discovery, signatures, evaluation) are paid twice instead of four times:
 
-1. a SuperNode with an unregistered key is refused (started alongside the real sites);
-2. round 1 with every site; site_c's SuperNode is SIGKILLed -> round 2 completes with the other two
+1. a SuperNode with a key that is not in deploy.sites is refused (started alongside the real sites);
+2. a SuperNode holding site_d's registered key but calling itself site_a is refused at discovery
+   (``identity_mismatch``) and takes no part;
+3. round 1 with every site; site_c's SuperNode is SIGKILLed -> round 2 completes with the other two
    and the loss is recorded;
-3. the SuperLink (and the ServerApp it started) is SIGKILLed during round 3; it is restarted on the same
-   address and state file, site_c rejoins, and ``rectalfl run --resume`` continues after round 2 with
-   all three training sites.
+4. the operator's `rectalfl server start` is SIGKILLed during round 3: its SuperLink, SuperExec,
+   gateway and ServerApp die with it (no orphans); it is started again on the same addresses and
+   state file, site_c rejoins, and ``rectalfl run --resume`` continues after round 2 with all three
+   training sites.
 
 Loopback only, free ports, a temporary FLWR_HOME; every process started here is killed at the end
 whatever happens. Slow (CI runs it); every wait has a hard bound.
@@ -17,8 +22,8 @@ whatever happens. Slow (CI runs it); every wait has a hard bound.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,12 +36,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from server.deploy import flwr, register_sites, start_superlink, submit_run
+from server.deploy import list_nodes, submit_run
 from server.store import RunStore
 from shared.certs import add_site, init_ca
 
 pytestmark = pytest.mark.slow
 SITES = ["site_a", "site_b", "site_c", "ext"]
+IMPOSTOR_KEY = "site_d"  # registered (in deploy.sites), but its SuperNode calls itself site_a
 
 
 def free_port() -> int:
@@ -51,22 +57,48 @@ class Consortium:
         self.certs = root / "certs"
         self.home = root / "flwr_home"
         self.address = f"127.0.0.1:{free_port()}"
+        self.control = f"127.0.0.1:{free_port()}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
-    def superlink(self) -> None:
-        self.procs["superlink"] = start_superlink(self.certs, self.address, self.home, self.root / "superlink.log")
-        register_sites(self.certs, self.home, sites=SITES)
+    def deploy(self) -> dict:
+        return {"superlink": self.address, "control_address": self.control, "certs_dir": str(self.certs),
+                "flwr_home": str(self.home), "sites": [*SITES, IMPOSTOR_KEY]}
 
-    def supernode(self, name: str, key_of: str | None = None) -> subprocess.Popen:
+    def superlink(self) -> None:
+        """The operator's `rectalfl server start`, as a service manager would run it."""
+        data = yaml.safe_load(self.cfg.to_yaml())
+        data["deploy"].update(self.deploy())
+        path = self.root / "server_start.yaml"
+        path.write_text(yaml.safe_dump(data))
+        log = self.root / "superlink.log"
+        self.logs["superlink"] = log
+        start = log.stat().st_size if log.is_file() else 0
+        with open(log, "ab") as fh:
+            self.procs["superlink"] = subprocess.Popen(
+                [str(Path(sys.executable).parent / "rectalfl"), "server", "start", "--config", str(path)],
+                env={**os.environ, "COLUMNS": "200"}, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.root)
+        wait_for(lambda: "SuperLink up" in log.read_text(errors="replace")[start:]
+                 or self.procs["superlink"].poll() is not None, 180, "`rectalfl server start`",
+                 logs=self.tail("superlink"))
+        assert self.procs["superlink"].poll() is None, self.tail("superlink")
+
+    def supernode(self, name: str, key_of: str | None = None, claims: str | None = None) -> subprocess.Popen:
         """A hospital as its IT team runs it: `rectalfl site join` (which supervises flower-supernode)."""
-        site = name if name in SITES else "site_a"
+        site = claims or (name if name in SITES else "site_a")
         site_cfg = self.root / "site.yaml"
         site_cfg.write_text(self.cfg.to_yaml())
+        key = self.root / "hospital_keys" / name / "site.key"  # the hospital's own copy of its key
+        if not key.is_file():
+            key.parent.mkdir(parents=True)
+            shutil.copy2(self.certs / "sites" / (key_of or name) / "site.key", key)
+        cache = Path(self.cfg.cache_root) / (site if name == site else f"{name}_as_{site}")
+        if not cache.exists():
+            shutil.copytree(Path(self.cfg.cache_root) / site, cache)
         cmd = [str(Path(sys.executable).parent / "rectalfl"), "site", "join", "--config", str(site_cfg),
-               "--server", self.address, "--root-cert", str(self.certs / "ca.crt"),
-               "--key", str(self.certs / "sites" / (key_of or name) / "site.key"), "--name", site,
-               "--data", str(Path(self.cfg.data_root) / site), "--cache", str(Path(self.cfg.cache_root) / site),
+               "--server", self.address, "--root-cert", str(self.certs / "ca.crt"), "--key", str(key),
+               "--name", site, "--data", str(Path(self.cfg.data_root) / site), "--cache", str(cache),
                "--node-port", str(free_port()), "--skip-check"]
         log = self.root / f"site_join_{name}.log"
         self.logs[name] = log
@@ -76,25 +108,28 @@ class Consortium:
         self.procs[name] = proc
         return proc
 
-    def kill(self, name: str) -> None:
-        """SIGKILL, no clean-up, of the process and everything it started (SuperNode, SuperExec, apps)."""
+    def kill(self, name: str, *, tree: bool = True) -> list[int]:
+        """SIGKILL, no clean-up, of the process (and, with ``tree``, everything it started); returns the
+        processes that were below it."""
         proc = self.procs.pop(name, None)
         if proc is None:
-            return
-        for pid in [proc.pid, *descendants(proc.pid)]:
+            return []
+        below = descendants(proc.pid)
+        for pid in [proc.pid, *(below if tree else [])]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         proc.wait(timeout=30)
+        return below
 
     def close(self) -> None:
         for name in list(self.procs):
             self.kill(name)
 
     def tail(self, name: str, n: int = 3000) -> str:
-        path = self.root / "superlink.log" if name == "superlink" else self.logs[name]
-        return path.read_text(errors="replace")[-n:] if path.is_file() else ""
+        path = self.logs.get(name)
+        return path.read_text(errors="replace")[-n:] if path and path.is_file() else ""
 
 
 def descendants(pid: int) -> list[int]:
@@ -124,15 +159,22 @@ def wait_for(pred, timeout: float, what: str, every: float = 1.0, logs: str = ""
 
 
 def nodes(c: Consortium) -> list[dict]:
-    res = flwr(["supernode", "list", "rectalfl", "--format", "json"], c.home, check=False)
     try:
-        return json.loads(res.stdout[res.stdout.index("{"):]).get("nodes", [])
-    except ValueError:
+        return [n for n in list_nodes(c.control, c.certs / "ca.crt") if n["status"] != "unregistered"]
+    except Exception:  # noqa: BLE001 - the SuperLink is down or starting
         return []
 
 
 def online(c: Consortium) -> int:
     return sum(n.get("status") == "online" for n in nodes(c))
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def completed_rounds(run_dir: Path) -> int:
@@ -151,20 +193,19 @@ def completed_rounds(run_dir: Path) -> int:
 
 @pytest.fixture(scope="module")
 def consortium(tiny_consortium, tmp_path_factory):
-    import shutil
-
     root = tmp_path_factory.mktemp("deploy")
     cfg = tiny_consortium.model_copy(update={"cache_root": root / "cache"})
     shutil.copytree(tiny_consortium.cache_root, cfg.cache_root)
     init_ca(root / "certs")
-    for s in [*SITES, "intruder"]:
+    for s in [*SITES, IMPOSTOR_KEY, "intruder"]:
         add_site(root / "certs", s)
     c = Consortium(root, cfg)
     try:
         c.superlink()
         for s in SITES:
             c.supernode(s)
-        c.supernode("intruder", key_of="intruder")  # a key made by the operator but never registered
+        c.supernode("intruder", key_of="intruder")  # a key made by the operator but not in deploy.sites
+        c.supernode("impostor", key_of=IMPOSTOR_KEY, claims="site_a")
         yield c
     finally:
         c.close()
@@ -176,6 +217,7 @@ def server_config(c: Consortium, rounds: int) -> Path:
     # SuperNode is reported by the SuperLink after 2 missed heartbeats (<= 60 s), well before this
     data["federation"].update(rounds=rounds, min_sites=2, external_sites=["ext"], round_timeout_s=150,
                               join_timeout_s=120)
+    data["deploy"].update(c.deploy())
     data["fusion"]["enabled"] = False
     path = c.root / f"server_{rounds}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -191,50 +233,56 @@ def test_unregistered_key_is_refused(consortium) -> None:
     text = " ".join(consortium.logs["intruder"].read_text(errors="replace").split())
     assert code == 1, text[-2000:]
     assert "refused this site's key" in text and "not registered" in text
-    wait_for(lambda: online(consortium) == len(SITES), 120, "the 4 registered SuperNodes online", every=3,
+    wait_for(lambda: online(consortium) == len(SITES) + 1, 120, "the 5 registered SuperNodes online", every=3,
              logs=consortium.tail("site_a"))
     listed = nodes(consortium)
-    assert len(listed) == len(SITES)  # only the registered keys are nodes: the intruder never became one
+    # only the keys of deploy.sites are nodes (the intruder never became one), each under its site's name
+    assert sorted(n["name"] for n in listed) == sorted([*SITES, IMPOSTOR_KEY])
 
 
 def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
     c = consortium
     run_dir = c.root / "runs" / "R"
     cfg_path = server_config(c, 3)
-    wait_for(lambda: online(c) == len(SITES), 120, "4 SuperNodes online", every=3)
+    wait_for(lambda: online(c) == len(SITES) + 1, 120, "5 SuperNodes online", every=3)
     first: dict = {}
 
     def first_attempt() -> None:
         try:
-            first["info"] = submit_run(cfg_path, c.home, run_dir=run_dir, expected_sites=4, timeout=600)
+            first["info"] = submit_run(cfg_path, c.home, run_dir=run_dir, expected_sites=5, timeout=1200)
         except Exception as exc:  # noqa: BLE001 - the SuperLink is killed under it on purpose
             first["error"] = exc
 
     t0 = time.time()
     t = threading.Thread(target=first_attempt, daemon=True)
     t.start()
-    wait_for(lambda: completed_rounds(run_dir) >= 1 or "error" in first, 240, "round 1", logs=c.tail("superlink"))
+    # bounds, not targets: every message starts a ClientApp process per site, slow on a loaded 2-core machine
+    wait_for(lambda: completed_rounds(run_dir) >= 1 or "error" in first, 480, "round 1", logs=c.tail("superlink"))
     assert completed_rounds(run_dir) >= 1, f"the run failed before round 1: {first}\n{c.tail('superlink')}"
 
     # a hospital disappears mid-run: round 2 goes on with the two others (min_sites = 2)
     print(f"\nround 1 done after {time.time() - t0:.0f} s; killing site_c")
     c.kill("site_c")
-    wait_for(lambda: completed_rounds(run_dir) >= 2 or "error" in first or "info" in first, 240,
+    wait_for(lambda: completed_rounds(run_dir) >= 2 or "error" in first or "info" in first, 360,
              "round 2 without site_c", logs=c.tail("superlink"))
     assert completed_rounds(run_dir) == 2, f"{first}\n{c.tail('superlink')}"
 
-    # the server goes down during round 3: SuperLink, SuperExec and the ServerApp, all SIGKILLed
-    print(f"round 2 done after {time.time() - t0:.0f} s; killing the SuperLink")
-    c.kill("superlink")
+    # the server goes down during round 3: the operator's `rectalfl server start` is SIGKILLed, and only
+    # it; its SuperLink, SuperExec, gateway and ServerApp must not outlive it
+    print(f"round 2 done after {time.time() - t0:.0f} s; killing `rectalfl server start`")
+    below = c.kill("superlink", tree=False)
+    assert len(below) >= 3, below  # superlink, superexec, gateway (+ the ServerApp)
+    wait_for(lambda: not any(alive(p) for p in below), 60, "no orphaned SuperLink processes",
+             logs=str([(p, Path(f"/proc/{p}/cmdline").read_bytes()[:80]) for p in below if alive(p)]))
     assert completed_rounds(run_dir) == 2
 
     # restart on the same address and state file; site_c comes back; the others' `site join` reconnect
     c.superlink()
     c.supernode("site_c")
-    wait_for(lambda: online(c) == len(SITES), 180, "all 4 SuperNodes online again", every=3,
+    wait_for(lambda: online(c) == len(SITES) + 1, 180, "all 5 SuperNodes online again", every=3,
              logs=c.tail("site_c") + c.tail("site_a"))
     print(f"restarted, all online after {time.time() - t0:.0f} s; resuming")
-    info = submit_run(cfg_path, c.home, run_dir=run_dir, resume=True, expected_sites=4, timeout=480)
+    info = submit_run(cfg_path, c.home, run_dir=run_dir, resume=True, expected_sites=5, timeout=900)
     print(f"resumed run finished after {time.time() - t0:.0f} s")
     assert info["status"] == "finished:completed", f"{info}\n{c.tail('superlink')}"
     assert first.get("info", {}).get("status") != "finished:completed"  # the first attempt did not complete
@@ -255,6 +303,11 @@ def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
         assert len(resumed) == 1 and "after round 2" in resumed["message"].iloc[0]
         joined = ev[ev["kind"] == "site_joined"]
         assert sorted(joined["site"]) == sorted(SITES * 2)  # discovered at the start and again on resume
+        # the impostor (site_d's key, calling itself site_a) was refused both times and never trained
+        mismatch = ev[ev["kind"] == "identity_mismatch"]
+        assert len(mismatch) == 2 and set(mismatch["site"]) == {IMPOSTOR_KEY}
+        assert all(d["claimed"] == "site_a" and d["registered"] == IMPOSTOR_KEY for d in mismatch["detail"])
+        assert (mismatch["level"] == "error").all()
         assert not len(ev[ev["kind"] == "update_rejected"])
         m = store.metrics(rid, "train")
         assert set(m.loc[m["round"] == 2, "site"]) == {"site_a", "site_b"}
