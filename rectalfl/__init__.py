@@ -11,15 +11,26 @@ operator runs ``server/``.
 
 from __future__ import annotations
 
-import sys
-from typing import Annotated
+import os
 
-import typer
+# Before anything imports Flower (it reads these when imported): no telemetry, no update checks, no
+# runtime installs, in this process and every process it starts (Ray workers, flwr, SuperLink, SuperNode).
+for _key, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                     ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+    os.environ[_key] = _value
 
-from client.cli import site_app
-from server.cli import certs_app, report, run_command, server_app
-from shared.cli import config_app, console, setup_logging
-from simulations.cli import demo, simulate, synth
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from client.cli import site_app  # noqa: E402
+from server.cli import certs_app, report, run_command, server_app  # noqa: E402
+from shared.cli import config_app, console, setup_logging  # noqa: E402
+from shared.interrupt import Interrupted, raise_on_signals  # noqa: E402
+from simulations.cli import demo, simulate, synth  # noqa: E402
 
 app = typer.Typer(
     name="rectalfl",
@@ -47,9 +58,34 @@ app.command("run")(run_command)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    SIGINT (Ctrl-C) and SIGTERM raise :class:`shared.interrupt.Interrupted`; each long command
+    catches it where it knows what was done and how to continue, and this is the net for the rest.
+    The exit code is 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    raise_on_signals()
+    code: int | str | None = 0
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to resume")
-        sys.exit(130)
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt as exc:
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        again = shlex.join(["rectalfl", *sys.argv[1:]])
+        console.print(f"[yellow]interrupted[/] by {name}: finished work is kept; continue with: {again}")
+        code = 143 if name == "SIGTERM" else 130
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Exit; without waiting for threads a library left behind (they would hang the interpreter's exit)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not others:
+        sys.exit(code)
+    if isinstance(code, str):
+        console.print(code)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
