@@ -216,10 +216,35 @@ class _InterruptibleGrid:
 
 
 def _mute_libraries() -> None:
-    """After a stop signal: no more Flower/Ray log lines (actors torn down mid-task log tracebacks)."""
+    """After a stop signal: no more Flower/Ray log lines (actors torn down mid-task log tracebacks, the
+    driver's "(raylet) node marked dead" once a terminal's Ctrl-C has also stopped Ray's agents)."""
     for name in list(logging.root.manager.loggerDict):
         if name.split(".")[0] in ("flwr", "ray"):
             logging.getLogger(name).disabled = True
+    try:
+        import ray._private.worker as ray_worker
+
+        ray_worker.print_to_stdstream = lambda *a, **k: None
+    except (ImportError, AttributeError):  # pragma: no cover - another Ray
+        pass
+
+
+def _start_ray(init_args: dict[str, Any]) -> None:
+    """``ray.init`` as Flower's Ray backend would do it (which then reuses it), but from here, so that
+    the caller can take SIGINT/SIGTERM back afterwards (``ray.init`` installs its own SIGTERM exit)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions on start-up failures
+        raise RuntimeError(f"Flower's simulation engine (Ray) did not start: {exc} (an overloaded machine is the "
+                           "usual cause; run the same command again)") from None
 
 
 class _DeprecatedRunSimulation(logging.Filter):
@@ -227,6 +252,50 @@ class _DeprecatedRunSimulation(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _stop_ray_workers() -> int:
+    """Kill this process's Ray worker processes (``ray::...``: the ClientApp actors, busy or idle).
+
+    Once the run record is safe, a stop must not wait for a local training round to finish in an
+    actor; Flower then shuts Ray down as usual (the node processes stop with ``ray.shutdown``).
+    """
+    n = 0
+    for pid in _descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::"):
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+def _stop_ray() -> None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort: the run itself is over
+        logger.debug("ray.shutdown failed", exc_info=True)
 
 
 def _async_raise(thread_id: int, exc_type: type[BaseException]) -> None:
@@ -273,8 +342,14 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
         if not server_done.wait(STOP_GRACE_S) and "id" in server_thread:
             _async_raise(server_thread["id"], _interrupted_class(stop.name))  # e.g. busy drawing the report
             server_done.wait(STOP_GRACE_S)
+        if sim_done.wait(0.5):
+            return
+        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} server done, killing\n")
+        logger.debug("stopped %d Ray worker(s)", _stop_ray_workers())
+        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} killed\n")
         if sim_done.wait(max(0.0, STOP_LIMIT_S - (time.monotonic() - stop.at))):
             return
+        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} kick\n")
         os.kill(os.getpid(), signal.SIGUSR1)  # cut the main thread's wait for Ray workers short
         if sim_done.wait(3.0):
             return
@@ -290,6 +365,7 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
             sys.stderr.flush()
             os._exit(130)
         stop.request(signal_name(signum))
+        sys.__stderr__.write(f"TRACE signal {time.time():.2f}\n")
         _mute_libraries()
         threading.Thread(target=watchdog, name="rectalfl-stop", daemon=True).start()
 
@@ -309,6 +385,9 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
     flwr_logger.addFilter(quiet)
     try:
         with handle_signals(on_signal), handle_signals(on_kick, (signal.SIGUSR1,)):
+            _start_ray(backend_config["init_args"])
+            for s in (signal.SIGINT, signal.SIGTERM):  # ray.init replaced the SIGTERM handler: ours again
+                signal.signal(s, on_signal)
             flwr_run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
                                 backend_config=backend_config)
     except Interrupted:
@@ -316,8 +395,11 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
         server_done.wait(STOP_GRACE_S)
         raise Interrupted(stop.name) from None
     finally:
+        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} flwr returned\n")
         sim_done.set()
         flwr_logger.removeFilter(quiet)
+        _stop_ray()
+        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} ray stopped\n")
     if "error" in failure:
         raise failure["error"]
     if stop.event.is_set() and not (run_dir / "run.db").is_file():
