@@ -344,12 +344,9 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
             server_done.wait(STOP_GRACE_S)
         if sim_done.wait(0.5):
             return
-        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} server done, killing\n")
         logger.debug("stopped %d Ray worker(s)", _stop_ray_workers())
-        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} killed\n")
         if sim_done.wait(max(0.0, STOP_LIMIT_S - (time.monotonic() - stop.at))):
             return
-        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} kick\n")
         os.kill(os.getpid(), signal.SIGUSR1)  # cut the main thread's wait for Ray workers short
         if sim_done.wait(3.0):
             return
@@ -365,7 +362,6 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
             sys.stderr.flush()
             os._exit(130)
         stop.request(signal_name(signum))
-        sys.__stderr__.write(f"TRACE signal {time.time():.2f}\n")
         _mute_libraries()
         threading.Thread(target=watchdog, name="rectalfl-stop", daemon=True).start()
 
@@ -395,11 +391,9 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
         server_done.wait(STOP_GRACE_S)
         raise Interrupted(stop.name) from None
     finally:
-        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} flwr returned\n")
         sim_done.set()
         flwr_logger.removeFilter(quiet)
         _stop_ray()
-        sys.__stderr__.write(f"TRACE {time.monotonic()-stop.at:.2f} ray stopped\n")
     if "error" in failure:
         raise failure["error"]
     if stop.event.is_set() and not (run_dir / "run.db").is_file():
