@@ -473,12 +473,16 @@ def _baseline_analysis(cfg: RectalFLConfig, store: Any, run_id: str, out_dir: Pa
                        algos: dict[str, Any], roles: dict[str, str], sites: list[dict], tag: str) -> None:
     """The fusion analysis of one baseline model: the same federated protocols as a federated run, with
     in-process sites answering (:class:`simulations.reference.InProcessSites`), then its report."""
+    from client.site_table import build_site_table
     from server.analysis import run_analysis
     from simulations.reference import InProcessSites, pooled_reference
 
     with store.stage(run_id, f"analysis:{tag}"):
         members = {n: algos[n] for n in roles}
-        inproc = InProcessSites({n: a.site_table() for n, a in members.items()},
+        # signatures + clinical only: InProcessSites adds this run's fusion scores once they exist (a
+        # site table read from the cache now would carry a previous run's)
+        inproc = InProcessSites({n: build_site_table(a.load_signatures(), a.clinical, None)
+                                 for n, a in members.items()},
                                 {n: a.cache_dir for n, a in members.items()}, cfg.privacy.min_cell_count)
         ref = (pooled_reference(cfg, [s for s in sites if s["name"] in roles], roles)
                if cfg.fusion.pooled_reference else None)
