@@ -19,6 +19,7 @@ for _key, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHEC
                      ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
     os.environ[_key] = _value
 
+import logging  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -79,13 +80,16 @@ def main() -> None:
 
 
 def _exit(code: int | str | None) -> None:
-    """Exit; without waiting for threads a library left behind (they would hang the interpreter's exit)."""
+    """Exit. After an interruption (130, 143), or with threads a library left behind, at once: the
+    run record and the message are written, and the interpreter's own shutdown (joining library
+    threads, closing Ray's connections) would add seconds or hang."""
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-    if not others:
+    if not others and code not in (130, 143):
         sys.exit(code)
     if isinstance(code, str):
         console.print(code)
         code = 1
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code or 0))

@@ -229,6 +229,42 @@ def _mute_libraries() -> None:
         pass
 
 
+class _NativeStderr:
+    """Route the native (C++) writes to file descriptor 2 away while Ray shuts down after a stop signal
+    (Ray's core worker reports the actors it lost there), keeping Python's own ``sys.stderr`` visible."""
+
+    def __init__(self) -> None:
+        self.saved_fd: int | None = None
+        self.saved_stream: Any = None
+
+    def silence(self) -> None:
+        if self.saved_fd is not None:
+            return
+        try:
+            sys.stderr.flush()
+            self.saved_fd = os.dup(2)
+            self.saved_stream = sys.stderr
+            sys.stderr = os.fdopen(os.dup(self.saved_fd), "w", buffering=1, encoding="utf-8", errors="replace")
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except OSError:  # pragma: no cover - no stderr to redirect
+            self.saved_fd = None
+
+    def restore(self) -> None:
+        if self.saved_fd is None:
+            return
+        try:
+            sys.stderr.flush()
+            os.dup2(self.saved_fd, 2)
+            os.close(self.saved_fd)
+            stream, sys.stderr = sys.stderr, self.saved_stream
+            stream.close()
+        except OSError:  # pragma: no cover
+            pass
+        self.saved_fd = None
+
+
 def _start_ray(init_args: dict[str, Any]) -> None:
     """``ray.init`` as Flower's Ray backend would do it (which then reuses it), but from here, so that
     the caller can take SIGINT/SIGTERM back afterwards (``ray.init`` installs its own SIGTERM exit)."""
@@ -243,6 +279,7 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     try:
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
     except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions on start-up failures
+        _stop_ray()  # what did start must not outlive this process
         raise RuntimeError(f"Flower's simulation engine (Ray) did not start: {exc} (an overloaded machine is the "
                            "usual cause; run the same command again)") from None
 
@@ -322,6 +359,7 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
 
     failure: dict[str, BaseException] = {}
     stop = _StopRequest()
+    native = _NativeStderr()
     server_done, sim_done = threading.Event(), threading.Event()
     server_thread: dict[str, int] = {}
     server_app = ServerApp()
@@ -362,6 +400,7 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
             sys.stderr.flush()
             os._exit(130)
         stop.request(signal_name(signum))
+        native.silence()
         _mute_libraries()
         threading.Thread(target=watchdog, name="rectalfl-stop", daemon=True).start()
 
@@ -394,6 +433,7 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
         sim_done.set()
         flwr_logger.removeFilter(quiet)
         _stop_ray()
+        native.restore()
     if "error" in failure:
         raise failure["error"]
     if stop.event.is_set() and not (run_dir / "run.db").is_file():
