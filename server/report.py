@@ -94,8 +94,8 @@ def check_csv(path: Path, rel: str, required: tuple[str, ...] = ()) -> str | Non
         raw = path.read_bytes()
     except OSError as exc:
         return f"{rel} cannot be read ({exc.strerror or exc})"
-    if not raw:
-        return f"{rel} is empty (0 bytes)"
+    if not raw.strip():
+        return f"{rel} is empty ({'0 bytes' if not raw else 'no header, no rows'})"
     redo = f"re-run {MAKER} (or `--resume` it) to write it again"
     try:
         text = raw.decode("utf-8")

@@ -583,9 +583,10 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
     training site on its own patients. Each is checkpointed every epoch (``checkpoints/<model>/``)
     and recorded as stages ``train:<model>``, ``signatures:<model>``, ``evaluate:<model>`` and
     ``analysis:<model>``, whose rounds are the epochs. The fusion analysis answers through the same
-    federated-statistics protocols as a federated run; ``pooled`` writes the report of a federated
-    run (``tables/``, ``report.html``), ``local`` one per local model in ``<run_dir>/local-<site>/``
-    and their union (model ``local-<site>/<fusion model>``) at the top.
+    federated-statistics protocols as a federated run; ``pooled`` writes the tables and report of a
+    federated run (``tables/``, ``report.html``); ``local`` writes each local model's tables in
+    ``<run_dir>/local-<site>/`` and their union (model ``local-<site>/<fusion model>``), with the
+    report, at the top.
 
     Parameters
     ----------
@@ -656,15 +657,19 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
 
 
 def _write_reports(store: Any, run_id: str, run_dir: Path, local_groups: list[str]) -> None:
-    from server.report import build_report
+    """The run's report (``local``: of the union of the local models' tables, :func:`_merge_local_outputs`)."""
+    from server.report import ReportError, build_report
 
-    with store.stage(run_id, "report"):
-        for g in local_groups:
-            path = build_report(run_dir / g)
-            store.add_artefact(run_id, "report", path, run_dir)
+    with store.stage(run_id, "report") as detail:
         if local_groups:
             _merge_local_outputs(run_dir, local_groups)
-        path = build_report(run_dir)
+        try:
+            path = build_report(run_dir)
+        except ReportError as exc:  # e.g. no fusion model could be fitted on so few patients
+            detail["skipped"] = str(exc)
+            store.event(run_id, "report_skipped", str(exc), level="warning")
+            logger.warning("no report: %s", exc)
+            return
         store.add_artefact(run_id, "report", path, run_dir)
         logger.info("report: %s", path)
 
