@@ -276,12 +276,24 @@ def _start_ray(init_args: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    try:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
-    except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions on start-up failures
-        _stop_ray()  # what did start must not outlive this process
-        raise RuntimeError(f"Flower's simulation engine (Ray) did not start: {exc} (an overloaded machine is the "
-                           "usual cause; run the same command again)") from None
+    for attempt in (1, 2):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **{"include_dashboard": False, **init_args})
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises bare Exceptions on start-up failures
+            try:  # what did start must not outlive this process
+                ray.shutdown()
+            except Exception:  # noqa: BLE001
+                logger.debug("ray.shutdown after a failed start", exc_info=True)
+            for pid in _descendants(os.getpid()):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if attempt == 2:
+                raise RuntimeError(f"Flower's simulation engine (Ray) did not start: {exc} (an overloaded machine is "
+                                   "the usual cause: Ray gives its node 30 s; run the same command again)") from None
+            logger.warning("Ray did not start (%s); trying once more", exc)
 
 
 class _DeprecatedRunSimulation(logging.Filter):
