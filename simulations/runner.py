@@ -287,7 +287,8 @@ def _start_ray(init_args: dict[str, Any]) -> None:
                 logger.debug("ray.shutdown after a failed start", exc_info=True)
             for pid in _descendants(os.getpid()):
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    if b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
             if attempt == 2:
