@@ -114,8 +114,9 @@ def site_preprocess(
     except KeyboardInterrupt as exc:
         name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
         console.print(f"[yellow]interrupted[/] by {name}: {done['n']} of {done['total'] or '?'} volumes are finished "
-                      f"and kept in {out_dir} (no manifest.csv until the site is complete)\ncontinue with: "
-                      f"[bold]{shlex.join(['rectalfl', *sys.argv[1:]])}[/]", highlight=False)
+                      f"and kept in {out_dir} (no manifest.csv until the site is complete)", highlight=False)
+        console.print(f"continue with: [bold]{shlex.join(['rectalfl', *sys.argv[1:]])}[/]", highlight=False,
+                      soft_wrap=True)
         raise typer.Exit(143 if name == "SIGTERM" else 130) from None
     seconds = time.perf_counter() - t0
     counts = manifest["status"].value_counts().to_dict()

@@ -671,11 +671,14 @@ def preprocess_site(
     elif todo:
         n = min(n_workers, len(todo))
         threads = max(1, _available_cpus() // n)
-        ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,))
-        try:
+        from shared.interrupt import sigint_held_from_children
+
+        with sigint_held_from_children():  # a Ctrl-C is the parent's, even while a worker starts
+            ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(threads,))
             futures = {ex.submit(_process_one, rec, cfg, site_dir, cache_dir, fp, sig, options): (i, rec)
                        for i, rec, sig in todo}
+        try:
             for fut in as_completed(futures):
                 i, rec = futures[fut]
                 try:

@@ -74,7 +74,8 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
         again = shlex.join(["rectalfl", *sys.argv[1:]])
-        console.print(f"[yellow]interrupted[/] by {name}: finished work is kept; continue with: {again}")
+        console.print(f"[yellow]interrupted[/] by {name}: finished work is kept", highlight=False)
+        console.print(f"continue with: {again}", highlight=False, soft_wrap=True)
         code = 143 if name == "SIGTERM" else 130
     _exit(code)
 

@@ -86,6 +86,24 @@ def raise_on_signals() -> None:
             signal.signal(s, _raise)
 
 
+@contextlib.contextmanager
+def sigint_held_from_children() -> Iterator[None]:
+    """Block SIGINT while worker processes are started inside the block.
+
+    A spawned worker inherits the blocked signal, so a Ctrl-C that reaches the whole process group
+    while the worker is still importing never raises (and prints) there; the parent receives it as
+    soon as the block ends. Use around creating a pool and submitting its work.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def ignore_in_worker() -> None:
     """For worker processes of a pool: leave SIGINT to the parent, which stops the pool in order.
 

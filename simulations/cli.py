@@ -23,7 +23,8 @@ from shared.interrupt import Interrupted
 def stop_interrupted(exc: KeyboardInterrupt, done: str, again: str) -> None:
     """Say what a stopped command finished and the exact command that continues; exit 130 (SIGINT) or 143."""
     name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
-    console.print(f"[yellow]interrupted[/] by {name}: {done}\ncontinue with: [bold]{again}[/]", highlight=False)
+    console.print(f"[yellow]interrupted[/] by {name}: {done}", highlight=False)
+    console.print(f"continue with: [bold]{again}[/]", highlight=False, soft_wrap=True)  # one line to copy
     raise typer.Exit(143 if name == "SIGTERM" else 130)
 
 

@@ -286,11 +286,11 @@ def _start_ray(init_args: dict[str, Any]) -> None:
             except Exception:  # noqa: BLE001
                 logger.debug("ray.shutdown after a failed start", exc_info=True)
             for pid in _descendants(os.getpid()):
-                try:
-                    if b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if _is_ray(pid):
+                    try:
                         os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+                    except OSError:
+                        pass
             if attempt == 2:
                 raise RuntimeError(f"Flower's simulation engine (Ray) did not start: {exc} (an overloaded machine is "
                                    "the usual cause: Ray gives its node 30 s; run the same command again)") from None
@@ -339,6 +339,8 @@ def _stop_ray_workers() -> int:
 
 
 def _stop_ray() -> None:
+    """``ray.shutdown``, then no Ray process of this one outlives the run (a loaded machine can leave
+    a worker behind for a while)."""
     try:
         import ray
 
@@ -346,6 +348,24 @@ def _stop_ray() -> None:
             ray.shutdown()
     except Exception:  # noqa: BLE001 - best effort: the run itself is over
         logger.debug("ray.shutdown failed", exc_info=True)
+    end = time.monotonic() + 2.0
+    while True:
+        left = [pid for pid in _descendants(os.getpid()) if _is_ray(pid)]
+        if not left or time.monotonic() > end:
+            break
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _is_ray(pid: int) -> bool:
+    try:
+        return b"ray" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _async_raise(thread_id: int, exc_type: type[BaseException]) -> None:
