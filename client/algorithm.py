@@ -147,7 +147,7 @@ class SiteAlgorithm(SiteTables):
             res[f"{key}/{split}-n"] = float(len(data))
         return res
 
-    def signatures(self, states: States, *, external: bool = False) -> pd.DataFrame:
+    def signatures(self, states: States, *, external: bool = False, run_id: str | None = None) -> pd.DataFrame:
         """Every patient's deep-learning signatures, written to ``<cache>/signatures.csv`` (stays on site).
 
         Returns
@@ -172,6 +172,11 @@ class SiteAlgorithm(SiteTables):
         tmp = self.cache_dir / "signatures.csv.tmp"
         table.to_csv(tmp, index=False)
         tmp.replace(self.cache_dir / "signatures.csv")
+        if run_id is not None:  # which run and weights made them: statistics for another run are refused
+            from client.site_policy import SIGNATURES_STAMP, digest_arrays, write_stamp
+            from shared.records import flatten_states
+
+            write_stamp(self.cache_dir / SIGNATURES_STAMP, run=run_id, weights=digest_arrays(flatten_states(states)))
         return table
 
 

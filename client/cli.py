@@ -282,3 +282,12 @@ def _killpg(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _register_audit() -> None:
+    from client.audit import audit
+
+    site_app.command("audit")(audit)
+
+
+_register_audit()

@@ -3,7 +3,8 @@
 Message types it answers (Flower Message API):
 
 ``query.describe``
-    site name, role and patient counts per split (numbers only).
+    site name, its own disclosure floor and role, patients per split (a count below the floor is
+    sent as -1).
 ``train``
     one local update of every backbone from the global weights (one ArrayRecord, prefixed keys);
     replies with the new weights, ``num-examples`` = the site's true number of training patients,
@@ -12,11 +13,18 @@ Message types it answers (Flower Message API):
     with the final weights: computes every patient's signatures and keeps them on site
     (``<cache>/signatures.csv``); replies only with the number of patients.
 ``evaluate.stats``
-    answers batched federated-statistics queries (``shared.queries``) on those signatures:
-    counts, histogram cells, placement sums from ``shared.stats``, with disclosure control.
+    site-computed statistics (:mod:`client.stats_service`): every query checked against the site's
+    own policy; contributions leave only securely aggregated; only disclosure-checked releases
+    leave in the clear. A request the policy refuses gets an error reply with code
+    :data:`POLICY_REFUSED_CODE` naming the rule.
+``evaluate.fusion``
+    scores every patient with the fitted fusion models, only those this site derived itself
+    (kept on site, stamped); replies with counts.
 
-Which site this node is: ``node_config`` keys ``site-name``, ``data-dir``, ``cache-dir`` (and
-optionally ``device``) on the Deployment Engine. On the simulation engine the virtual node's
+Every message and reply is appended to ``<cache>/audit.jsonl`` (``rectalfl site audit``).
+
+Which site this node is: ``node_config`` keys ``site-name``, ``data-dir``, ``cache-dir``, ``site-config``
+(its own config file: the policy) and optionally ``device`` on the Deployment Engine. On the simulation engine the virtual node's
 ``partition-id`` indexes the ``sim-sites`` list the server sends (a simulated consortium on one
 machine); nothing else assumes a shared filesystem.
 """
@@ -25,20 +33,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 
 from client.site_table import SiteTables
 from shared.config import parse_config
-from shared.queries import answer_queries
 from shared.records import (
     LAYOUT_KEY,
     arrays_to_record,
@@ -58,6 +65,8 @@ app = ClientApp()
 
 _CACHE: dict[tuple[str, str, bool], SiteTables] = {}
 SITE_ERROR_CODE = 4200
+POLICY_REFUSED_CODE = 4300
+"""Error code of a reply refused by the site's own policy (the reason names the rule)."""
 
 
 def site_identity(node_config: dict, sim_sites: list[dict] | None) -> dict:
@@ -107,24 +116,35 @@ def _bytes(content: RecordDict) -> int:
     return int(sum(r.count_bytes() for r in content.values()))
 
 
-def audit(algo: SiteTables, msg: Message, reply: Message) -> Message:
+def audit(algo: SiteTables, msg: Message, reply: Message, *, refused: dict[str, str] | None = None) -> Message:
     """Append what this site received and sent to ``<cache>/audit.jsonl`` (the site's own record).
 
     Hospital IT can read there every message the server sent and, for every reply, which records
-    and keys left the site and how many bytes.
+    and keys left the site and how many bytes, and every request its policy refused with the rule
+    (``rectalfl site audit`` shows it; ``--html`` for the data-protection officer). ``refused``:
+    query -> policy rule, for statistics queries the policy turned down.
     """
-    entry = {
+    conf = msg.content["config"] if "config" in msg.content else {}
+    entry: dict[str, Any] = {
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "message_type": msg.metadata.message_type,
-        "server_round": int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0,
+        "server_round": int(conf.get("server-round", 0)) if conf else 0,
         "bytes_in": _bytes(msg.content),
     }
+    if conf and "run-id" in conf:
+        entry["run_id"] = str(conf["run-id"])
     if reply.has_error():
         entry.update(error=reply.error.reason, bytes_out=0, sent={})
+        if reply.error.code == POLICY_REFUSED_CODE:
+            m = re.search(r"refused by site policy \(([a-z_]+)\)", reply.error.reason or "")
+            entry.update(refused=reply.error.reason, policy_rule=m.group(1) if m else None)
     else:
         entry.update(bytes_out=_bytes(reply.content),
                      sent={name: sorted(rec.keys()) if not isinstance(rec, ArrayRecord) else
                            f"{len(rec)} arrays" for name, rec in reply.content.items()})
+    if refused:
+        entry.update(refused="; ".join(f"{q}: {r}" for q, r in sorted(refused.items())),
+                     policy_rule=",".join(sorted(set(refused.values()))))
     algo.cache_dir.mkdir(parents=True, exist_ok=True)
     with open(algo.cache_dir / "audit.jsonl", "a") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -144,19 +164,35 @@ def _reply(msg: Message, context: Context, work: Callable[[Any, Message], Record
 
     Every reply carries ``site.name`` and is appended to the site's audit log.
     """
+    from client.stats_service import PolicyRefusal
+
     algo = None
     try:
         algo = _algorithm(msg, context, light)
         content = work(algo, msg)
         content["site"] = ConfigRecord({"name": algo.site})
         return audit(algo, msg, Message(content, reply_to=msg))
+    except PolicyRefusal as exc:
+        logger.warning("%s", exc)
+        reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),
+                        reply_to=msg)
+        return audit(algo, msg, reply) if algo else reply
     except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
         reply = _error_reply(msg, algo.site if algo else None, exc)
         return audit(algo, msg, reply) if algo else reply
 
 
-def _describe(algo: Any, msg: Message) -> RecordDict:
-    info = {"site": algo.site, **algo.describe()}
+def _describe(algo: Any, msg: Message, context: Context) -> RecordDict:
+    """Who this site is: its name, its own disclosure floor and role, and patients per split.
+
+    A split count below the site's floor ``k`` is sent as -1 ("fewer than k"), never exactly.
+    """
+    from client.site_policy import load_rules
+
+    rules = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg)
+    k = rules.policy.min_cell_count
+    counts = {name: (int(v) if v == 0 or v >= k else -1) for name, v in algo.describe().items()}
+    info = {"site": algo.site, **counts, "min-cell-count": k, "role": rules.policy.role or ""}
     return RecordDict({"info": ConfigRecord({"info": pack_json(info)})})
 
 
@@ -170,37 +206,39 @@ def _train(algo: Any, msg: Message) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
+def _run_id(msg: Message) -> str | None:
+    conf = msg.content["config"]
+    return str(conf["run-id"]) if "run-id" in conf else None
+
+
 def _signatures(algo: Any, msg: Message) -> RecordDict:
     states = unflatten_states(message_arrays(msg.content))
-    table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)))
+    table = algo.signatures(states, external=bool(msg.content["config"].get("external", False)),
+                            run_id=_run_id(msg))
     return RecordDict({"metrics": MetricRecord({"patients-with-signatures": int(len(table))})})
 
 
-def _stats(algo: Any, msg: Message) -> RecordDict:
-    specs = unpack_json(str(msg.content["config"]["queries"]))
-    values = {**record_to_arrays(msg.content["arrays"]), **dict(msg.content["metrics"].items())}
-    answer = answer_queries(algo.site_table(), specs, values, site=algo.site,
-                            min_count=algo.cfg.privacy.min_cell_count)
-    arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
-    return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
-
-
-def _fusion(algo: Any, msg: Message) -> RecordDict:
+def _fusion(algo: Any, msg: Message, context: Context) -> RecordDict:
+    """Score with the fitted fusion models: only models this site derived itself (its own fit state)."""
+    from client.stats_service import PolicyRefusal
     from shared.fusion import models_from_payload
 
     columns = unpack_json(str(msg.content["config"]["fusion-models"]))
     models = models_from_payload(record_to_arrays(msg.content["arrays"]), columns)
-    answer = algo.apply_fusion(models)
-    arrays = {k: np.asarray(v) for k, v in answer.items() if isinstance(v, np.ndarray)}
-    scalars = {k: v for k, v in answer.items() if not isinstance(v, np.ndarray)}
-    return RecordDict({"arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
+    run = _run_id(msg)
+    own = _site_service(algo, context).derived_models(run) if run else {}
+    foreign = sorted(name for name, m in models.items() if m.digest() not in own)
+    if foreign:
+        raise PolicyRefusal("models", f"model(s) {foreign} were not derived by this site in run {run}: it scores "
+                                      "patients only with fusion models its own fit produced")
+    answer = algo.apply_fusion(models, run_id=run)
+    return RecordDict({"metrics": MetricRecord({k: int(v) for k, v in answer.items()})})
 
 
 @app.query("describe")
 def describe(msg: Message, context: Context) -> Message:
     """Who this site is and how many patients per split (counts only)."""
-    return _reply(msg, context, _describe)
+    return _reply(msg, context, lambda algo, m: _describe(algo, m, context))
 
 
 @app.train()
@@ -218,10 +256,52 @@ def signatures(msg: Message, context: Context) -> Message:
 @app.evaluate("fusion")
 def fusion(msg: Message, context: Context) -> Message:
     """Score every patient with the fitted fusion models; scores and SHAP stay on site, SHAP sums go back."""
-    return _reply(msg, context, _fusion, light=True)
+    return _reply(msg, context, lambda algo, m: _fusion(algo, m, context), light=True)
+
+
+def _site_service(algo: Any, context: Context) -> Any:
+    """This site's statistics service, under its own rules (node config / its cache; never the message)."""
+    from client.site_policy import load_rules, read_stamps, secagg_factory
+    from client.stats_service import SiteContext, StatsService
+
+    rules = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg)
+    ctx = SiteContext(site=algo.site, cache_dir=algo.cache_dir, policy=rules.policy,
+                      clinical_columns=rules.clinical_columns, table=algo.site_table,
+                      stamps=lambda: read_stamps(algo.cache_dir), secagg=secagg_factory(algo.site, rules, algo.cache_dir))
+    return StatsService(ctx)
+
+
+def _stats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[str, str]]:
+    from shared.wire import pack, unpack
+
+    conf = msg.content["config"]
+    run = _run_id(msg)
+    if run is None:
+        raise ValueError("statistics request without a run-id")
+    arrays = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    request = unpack(str(conf["request"]), arrays)
+    reply = _site_service(algo, context).handle(run, request)
+    refused = {str(q): str(r.get("rule", "?")) for q, r in (reply.get("refused") or {}).items()}
+    text, out = pack(reply)
+    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)}), refused
 
 
 @app.evaluate("stats")
 def stats(msg: Message, context: Context) -> Message:
-    """Answer federated-statistics queries on the local signatures: summaries only (shared.stats)."""
-    return _reply(msg, context, _stats, light=True)
+    """Site-computed statistics (``client.stats_service``): the site's policy decides; only releases leave."""
+    from client.stats_service import PolicyRefusal
+
+    algo = None
+    try:
+        algo = _algorithm(msg, context, light=True)
+        content, refused = _stats(algo, msg, context)
+        content["site"] = ConfigRecord({"name": algo.site})
+        return audit(algo, msg, Message(content, reply_to=msg), refused=refused)
+    except PolicyRefusal as exc:
+        logger.warning("%s", exc)
+        reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),
+                        reply_to=msg)
+        return audit(algo, msg, reply) if algo else reply
+    except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
+        reply = _error_reply(msg, algo.site if algo else None, exc)
+        return audit(algo, msg, reply) if algo else reply

@@ -4,11 +4,10 @@ The *site table* is one row per patient: ``patient_id``, ``split`` (train/val/te
 ``external``), ``label``, the deep-learning signatures (``<cache>/signatures.csv``), the
 clinical-radiological predictors encoded as numbers (:func:`encode_clinical`) and, once the fusion
 models are fitted, their probabilities (``<cache>/fusion_scores.csv``, columns ``fusion_<model>``).
-Federated-statistics queries (:mod:`shared.queries`) read columns of this table.
+Site-computed statistics (:mod:`client.stats_service`) read columns of this table.
 
-:func:`apply_fusion` scores every patient with the fitted models, writes the scores and each
-patient's SHAP values (``<cache>/fusion_shap.csv``, for the site's own plots) and returns only
-sums of |SHAP| over the training cohort (>= ``min_count`` patients) for the global importance.
+:func:`apply_fusion` scores every patient with the fitted models and writes the scores and each
+patient's SHAP values (``<cache>/fusion_shap.csv``, for the site's own plots); only counts return.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 SCORES_FILE = "fusion_scores.csv"
 SHAP_FILE = "fusion_shap.csv"
-TRAINING_SPLITS = ("train", "val")
 
 
 def _stage_number(v: Any) -> float:
@@ -81,22 +79,24 @@ def _write(df: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-def apply_fusion(table: pd.DataFrame, models: Mapping[str, SVMModel], cache_dir: Path, *, min_count: int,
-                 site: str) -> dict[str, Any]:
-    """Score every patient with each fusion model; keep scores and SHAP on site, return SHAP sums.
+def apply_fusion(table: pd.DataFrame, models: Mapping[str, SVMModel], cache_dir: Path, *, site: str,
+                 run_id: str | None = None) -> dict[str, Any]:
+    """Score every patient with each fusion model; scores and per-patient SHAP stay on site.
+
+    Writes ``<cache>/fusion_scores.csv`` (one ``fusion_<model>`` column per model, NaN where an input
+    is missing) stamped with the run and the models' hash, and ``<cache>/fusion_shap.csv`` (each
+    patient's exact Shapley values, for the site's own plots). The global mean |SHAP| is a
+    site-computed query on the models the site derived (:class:`shared.fusion.ShapSumsSite`).
 
     Returns
     -------
     dict
-        Per model ``<model>|n`` (training-cohort patients scored), ``<model>|abs_shap`` (sum of
-        |SHAP| per input, shape (d,)) and ``<model>|scored`` (all patients scored); a model whose
-        training-cohort count is ``0 < n < min_count`` sends no SHAP sums (``<model>|withheld`` = 1).
+        ``<model>|scored``: how many patients each model scored (counts only).
     """
     cache_dir = Path(cache_dir)
     scores = pd.DataFrame({"patient_id": table["patient_id"].astype(str)})
     shap_rows = []
     out: dict[str, Any] = {}
-    training = table["split"].isin(TRAINING_SPLITS).to_numpy()
     for name, model in models.items():
         missing = [c for c in model.columns if c not in table.columns]
         if missing:
@@ -106,28 +106,22 @@ def apply_fusion(table: pd.DataFrame, models: Mapping[str, SVMModel], cache_dir:
         prob = np.full(len(table), np.nan)
         if ok.any():
             prob[ok] = model.predict_proba(X[ok])
+            phi = shapley_values(model, X[ok], model.mean)
+            frame = pd.DataFrame(phi, columns=model.columns)
+            frame.insert(0, "model", name)
+            frame.insert(0, "patient_id", table["patient_id"].astype(str).to_numpy()[ok])
+            shap_rows.append(frame.melt(id_vars=["patient_id", "model"], var_name="input", value_name="shap"))
         scores[f"fusion_{name}"] = prob
         out[f"{name}|scored"] = int(ok.sum())
         if (~ok).any():
             logger.info("site %s: %d patient(s) not scored by %s (missing inputs)", site, int((~ok).sum()), name)
-        rows = ok & training
-        n = int(rows.sum())
-        out[f"{name}|n"] = n
-        if 0 < n < min_count:
-            out[f"{name}|withheld"] = 1
-            continue
-        out[f"{name}|withheld"] = 0
-        if n == 0:
-            out[f"{name}|abs_shap"] = np.zeros(len(model.columns))
-            continue
-        phi = shapley_values(model, X[rows], model.mean)
-        out[f"{name}|abs_shap"] = np.abs(phi).sum(axis=0)
-        frame = pd.DataFrame(phi, columns=model.columns)
-        frame.insert(0, "model", name)
-        frame.insert(0, "patient_id", table["patient_id"].astype(str).to_numpy()[rows])
-        shap_rows.append(frame.melt(id_vars=["patient_id", "model"], var_name="input", value_name="shap"))
     cache_dir.mkdir(parents=True, exist_ok=True)
     _write(scores, cache_dir / SCORES_FILE)
+    if run_id is not None:  # which run and models made the scores: statistics for another run are refused
+        from client.site_policy import SCORES_STAMP, digest_arrays, write_stamp
+        from shared.fusion import models_to_payload
+
+        write_stamp(cache_dir / SCORES_STAMP, run=run_id, models=digest_arrays(models_to_payload(dict(models))[0]))
     if shap_rows:
         _write(pd.concat(shap_rows, ignore_index=True), cache_dir / SHAP_FILE)
     return out
@@ -164,7 +158,6 @@ class SiteTables:
         """Signatures + clinical predictors + fusion scores: what federated queries read (never sent)."""
         return build_site_table(self.load_signatures(), self.clinical, read_scores(self.cache_dir))
 
-    def apply_fusion(self, models: dict) -> dict:
-        """Score every patient with the fitted fusion models (kept on site); SHAP sums come back."""
-        return apply_fusion(self.site_table(), models, self.cache_dir, min_count=self.cfg.privacy.min_cell_count,
-                            site=self.site)
+    def apply_fusion(self, models: dict, run_id: str | None = None) -> dict:
+        """Score every patient with the fitted fusion models (kept on site); counts come back."""
+        return apply_fusion(self.site_table(), models, self.cache_dir, site=self.site, run_id=run_id)

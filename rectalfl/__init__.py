@@ -1,7 +1,8 @@
 """The ``rectalfl`` command: one small composition of each side's own command group.
 
-- hospital (``client.cli``): ``site check``, ``site preprocess``, ``site join``;
-- operator (``server.cli``): ``certs``, ``server start``, ``run``, ``report``;
+- hospital (``client.cli``): ``site check``, ``site preprocess``, ``site join``, ``site audit``;
+- operator (``server.cli``, ``server.dashboard.cli``): ``certs``, ``server start``, ``run``, ``report``,
+  ``dashboard``;
 - simulation (``simulations.cli``): ``synth``, ``simulate``, ``demo``;
 - both (``shared.cli``): ``config validate``, ``config show``.
 
@@ -29,6 +30,7 @@ import typer  # noqa: E402
 
 from client.cli import site_app  # noqa: E402
 from server.cli import certs_app, report, run_command, server_app  # noqa: E402
+from server.dashboard.cli import dashboard  # noqa: E402
 from shared.cli import config_app, console, setup_logging  # noqa: E402
 from shared.interrupt import Interrupted, raise_on_signals  # noqa: E402
 from simulations.cli import demo, simulate, synth  # noqa: E402
@@ -56,6 +58,7 @@ app.command()(report)
 app.add_typer(certs_app, name="certs")
 app.add_typer(server_app, name="server")
 app.command("run")(run_command)
+app.command("dashboard")(dashboard)
 
 
 def main() -> None:

@@ -1,21 +1,27 @@
-"""Fusion models and the study's tables, from federated queries only (no patient row leaves a site).
+"""Fusion models and the study's tables, from site-computed statistics only (no patient row leaves a site).
 
-Stages (each a batch of :mod:`shared.queries` queries answered by the sites' own tables):
+Every number comes from a site-computed protocol (:mod:`shared.stats.sitecomputed`): the sites
+derive every intermediate quantity from securely aggregated totals and release only disclosure-
+checked results; this module decides which questions to ask and turns the releases into tables.
 
-1. **Selection and Table 1.** Predictor selection (univariate p < 0.10, multivariable p < 0.05) on
-   the training cohort; Table 1 (baseline characteristics by response) for every cohort.
-2. **Fusion fits.** One federated RFF-SVM per model (:mod:`shared.fusion`): FDL (all signatures),
-   the variants, CR (selected predictors) and CRD (signatures + selected predictors). Only the
-   training cohort takes part: the training sites' train/val splits.
-3. **Scoring.** The fitted models go to every site, which scores its patients and keeps the scores
-   (and per-patient SHAP values); only sums of |SHAP| over the training cohort come back.
-4. **Evaluation.** Per model and cohort: AUC with DeLong CI and the ROC curve, accuracy,
-   sensitivity, specificity, F1 at ``fusion.threshold``, calibration, decision curve; the DeLong
-   matrix between models; the same per site; the signatures' distributions by response.
+Stages:
+
+1. **Selection and Table 1.** Predictor selection (univariate p < 0.10 screening of each candidate on
+   its own, Firth's penalty where a candidate separates, multivariable model, backward elimination to
+   p < 0.05) on the training cohort; Table 1 (baseline characteristics by response) for every cohort.
+2. **Fusion fits.** One federated RBF-SVM per model (FDL, the variants, CR, CRD), training cohort
+   only: folds, kernel features, every Newton step, the CV choice of (C, gamma) and Platt scaling are
+   derived on the sites (:mod:`shared.fusion`).
+3. **Scoring.** The fitted models go to every site, which scores its patients with the models *it
+   derived itself* (a model it did not derive is refused) and keeps the scores; the mean |SHAP| per
+   input over the training cohort is one more site-computed query.
+4. **Evaluation.** Per cohort one ROC query covers every model (AUC, DeLong CI, the DeLong matrix,
+   released curve cells, decision curves at released edges); per model and cohort the threshold
+   metrics and calibration; the same per site where the site's policy releases numbers about it alone.
 
 Cohorts: ``training`` (training sites, train + val splits), ``internal_test`` (training sites, test
-split), ``external`` (sites that never trained). Every file lands in ``run_dir/tables`` and
-``run_dir/report_data/curves.json`` (the formats :mod:`server.report` reads).
+split), ``external`` (sites that never trained); each site maps a cohort to its own splits. Every
+file lands in ``run_dir/tables`` and ``run_dir/report_data/curves.json`` (read by :mod:`server.report`).
 """
 
 from __future__ import annotations
@@ -31,33 +37,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from server.evaluation import StatsRun, query_note
 from shared.config import RectalFLConfig
-from shared.fusion import FusionSVMProtocol, SVMModel, models_to_payload
-from shared.queries import Query, Transport, run_queries, table_spec_to_json
-from shared.stats import (
-    BinaryMetricsProtocol,
-    CalibrationProtocol,
-    Grid,
-    NetBenefitProtocol,
-    ROCProtocol,
-    SelectPredictorsProtocol,
-    TableOneProtocol,
-    TableSpec,
-)
-from shared.stats.histogram import Cells
+from shared.stats.sc_classification import CalibrationSite, ThresholdMetricsSite
+from shared.stats.sc_logistic import SelectionSite
+from shared.stats.sc_roc import ROCSite
+from shared.stats.sc_tableone import WITHHELD, TableOneSite
+from shared.stats_driver import SiteQuery
 
 logger = logging.getLogger(__name__)
 
 TRAINING, INTERNAL, EXTERNAL = "training", "internal_test", "external"
 COHORT_SPLITS = {TRAINING: ["train", "val"], INTERNAL: ["test"], EXTERNAL: ["external"]}
-NET_BENEFIT_THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 DISPLAY_BINS = 20
 NORMAL = ("age", "hb")
 CATEGORICAL = {"sex_male": [1.0, 0.0], "t_stage": [0.0, 1.0, 2.0, 3.0, 4.0], "n_stage": [0.0, 1.0, 2.0],
                "crm": [1.0, 0.0], "emvi": [1.0, 0.0]}
 
-FusionTransport = Callable[[dict[str, SVMModel]], dict[str, dict[str, Any]]]
-"""Send fitted models to every site; ``{site: reply values}`` (SHAP sums, counts)."""
+FusionTransport = Callable[[dict[str, Any]], dict[str, dict[str, Any]]]
+"""Send fitted models to every site; ``{site: reply}`` (patients scored)."""
 
 
 @dataclass
@@ -73,10 +71,10 @@ class Analysis:
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     curves: dict[str, list] = field(default_factory=dict)
-    models: dict[str, SVMModel] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
     specs: list[FusionSpec] = field(default_factory=list)
-    fit_queries: list[Query] = field(default_factory=list)
-    """The fusion-fit queries exactly as sent (tests check which splits and sites they named)."""
+    queries: list[SiteQuery] = field(default_factory=list)
+    """Every query exactly as asked (tests check cohorts and sites)."""
 
 
 def cohorts(roles: Mapping[str, str]) -> dict[str, list[str]]:
@@ -108,46 +106,34 @@ def fusion_specs(cfg: RectalFLConfig, selected: list[str]) -> list[FusionSpec]:
     return specs
 
 
-def _wide_grid() -> Grid:
-    """A grid for clinical values agreed without seeing them: 3 significant digits on +-[1e-3, 1e6]."""
-    mags = np.arange(100, 1000) / 100.0
-    pos = np.unique(np.concatenate([mags * 10.0 ** e for e in range(-3, 7)]))
-    return Grid.from_edges(np.concatenate([-pos[::-1], [0.0], pos]))
+def clinical_grid() -> list[float]:
+    """A grid for clinical values agreed without seeing them: 0 and two significant digits on
+    +-[0.001, 990 000] (1 621 edges; medians and quartiles are interpolated within a bin)."""
+    mags = np.arange(10, 100) / 10.0
+    pos = np.unique(np.concatenate([mags * 10.0 ** e for e in range(-3, 6)]))
+    return [*(-pos[::-1]).tolist(), 0.0, *pos.tolist()]
 
 
-def table_one_spec(cfg: RectalFLConfig) -> TableSpec:
-    cols = [c for c in cfg.fusion.clinical_predictors]
-    nonnormal = tuple(c for c in cols if c not in NORMAL and c not in CATEGORICAL)
-    grid = _wide_grid()
-    return TableSpec("label", (1, 0), tuple(cols), {c: v for c, v in CATEGORICAL.items() if c in cols}, nonnormal,
-                     dict.fromkeys(nonnormal, grid))
+def table_one_variables(cfg: RectalFLConfig) -> list[dict[str, Any]]:
+    """Table 1's variables: the declared clinical predictors, typed; grids are config, never data."""
+    out = []
+    grid = clinical_grid()
+    for c in cfg.fusion.clinical_predictors:
+        if c in CATEGORICAL:
+            out.append({"name": c, "kind": "categorical", "levels": CATEGORICAL[c]})
+        else:
+            out.append({"name": c, "kind": "normal" if c in NORMAL else "nonnormal", "edges": grid})
+    return out
 
 
-# --------------------------------------------------------------------------- ROC with curve and histogram
-class CurveROCProtocol(ROCProtocol):
-    """``roc`` on the wire; also keeps the pooled ROC curve and the class histograms of round 1."""
-
-    def _round1(self, summaries: Mapping[str, Any]) -> Any:
-        res = super()._round1(summaries)
-        pos, neg = self.cells[0]["pos"], self.cells[0]["neg"]
-        b = np.arange(self.grid.n_bins + 1)
-        tp_s, tp_p = pos.at_or_above(np.minimum(b, self.grid.n_bins - 1))
-        fp_s, fp_p = neg.at_or_above(np.minimum(b, self.grid.n_bins - 1))
-        tp_s[-1] = tp_p[-1] = fp_s[-1] = fp_p[-1] = 0.0
-        tpr, fpr = (tp_s + tp_p) / 2 / self.n1, (fp_s + fp_p) / 2 / self.n0
-        pts = np.unique(np.column_stack([fpr, tpr]), axis=0)
-        self.curve = {"fpr": pts[:, 0], "tpr": pts[:, 1]}
-        self.hist = {"pos": display_counts(pos, self.grid), "neg": display_counts(neg, self.grid)}
-        return res
-
-
-def display_counts(cells: Cells, grid: Grid, n_display: int = DISPLAY_BINS) -> np.ndarray:
-    """Counts on ``n_display`` equal bins of [0, 1], each cell spread evenly over its fine bins."""
-    fine = np.zeros(cells.n_bins)
-    for a, z, c in zip(cells.start, cells.stop, cells.count, strict=True):
-        fine[a:z] += c / (z - a)
-    idx = np.clip((grid.points * n_display).astype(int), 0, n_display - 1)
-    return np.bincount(idx, weights=fine, minlength=n_display)
+def display_curve(cells: Mapping[str, list]) -> dict[str, list]:
+    """ROC points at the released cell edges (exact there): ``fpr, tpr`` from the top cell down."""
+    pos = np.asarray(cells["n_pos"], dtype=float)
+    neg = np.asarray(cells["n_neg"], dtype=float)
+    n1, n0 = pos.sum(), neg.sum()
+    tpr = np.concatenate([[0.0], np.cumsum(pos[::-1])]) / n1
+    fpr = np.concatenate([[0.0], np.cumsum(neg[::-1])]) / n0
+    return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
 
 
 def wilson(p: np.ndarray, n: int, z: float = 1.959964) -> tuple[np.ndarray, np.ndarray]:
@@ -158,31 +144,39 @@ def wilson(p: np.ndarray, n: int, z: float = 1.959964) -> tuple[np.ndarray, np.n
     return np.clip(mid - half, 0, 1), np.clip(mid + half, 0, 1)
 
 
-# --------------------------------------------------------------------------- helpers
-def _note(q: Query) -> str:
-    notes = list(dict.fromkeys(f"{s.site}: {s.reason}" for s in q.suppressed))
-    if q.dropped:
-        notes.append(f"without {', '.join(q.dropped)} (no answer)")
-    if q.error:
-        notes.append(q.error)
-    return "; ".join(notes)
+def suppressions(queries: list[SiteQuery]) -> pd.DataFrame:
+    """Every number disclosure control withheld or coarsened, every refusal, dropout and failure."""
+    rows = []
+    for q in queries:
+        rel = q.released or {}
+        for w in rel.get("withheld", []):
+            if isinstance(w, Mapping):
+                rows.append({"quantity": q.qid, "site": "", "reason": f"{w.get('quantity', '')}: "
+                                                                     f"{w.get('reason', '')}"})
+        inc = rel.get("sites_included")
+        if inc is not None and inc < len(q.participants):
+            rows.append({"quantity": q.qid, "site": "", "reason": f"{len(q.participants) - inc} site(s) excluded: "
+                                                                 "fewer than k patients of a class of their own"})
+        for s, r in sorted(q.refused.items()):
+            rows.append({"quantity": q.qid, "site": s, "reason": f"refused by site policy ({r.get('rule')})"})
+        for s in (x for x in q.dropped if x not in q.refused):
+            rows.append({"quantity": q.qid, "site": s, "reason": f"left out: {q.failures.get(s) or 'stopped answering'}"})
+        if q.error and not q.refused and not q.ok:
+            rows.append({"quantity": q.qid, "site": "", "reason": f"not computed: {q.error}"})
+    df = pd.DataFrame(rows, columns=["quantity", "site", "reason"])
+    return df.drop_duplicates().reset_index(drop=True)
 
 
-def _suppressions(queries: list[Query]) -> list[dict[str, str]]:
-    rows = [{"quantity": q.qid, "site": s.site, "reason": s.reason} for q in queries for s in q.suppressed]
-    rows += [{"quantity": q.qid, "site": ", ".join(q.dropped), "reason": "no answer (left out)"}
-             for q in queries if q.dropped]
-    rows += [{"quantity": q.qid, "site": "", "reason": f"not computed: {q.error}"} for q in queries if q.error]
-    return [dict(t) for t in dict.fromkeys(tuple(r.items()) for r in rows)]
-
-
-def _table1(q: Query, cohort: str) -> list[dict[str, Any]]:
-    if q.final is None:
+# --------------------------------------------------------------------------- tables from releases
+def table1_rows(q: SiteQuery, cohort: str) -> list[dict[str, Any]]:
+    note = query_note(q)
+    res = q.result if q.ok else None
+    if res is None:
         return [{"cohort": cohort, "variable": "", "level": "", "good_response": "", "poor_response": "",
-                 "p_value": np.nan, "test": "", "note": _note(q)}]
-    t, tests = q.final.result.table, q.final.result.tests
+                 "p_value": np.nan, "test": "", "note": note or "withheld"}]
+    t, tests = res.table, res.tests
     rows, var = [], ""
-    for label, r in t.iterrows():
+    for i, (label, r) in enumerate(t.iterrows()):
         label = str(label)
         if label.startswith("  "):
             level, variable = label.strip(), var
@@ -190,226 +184,187 @@ def _table1(q: Query, cohort: str) -> list[dict[str, Any]]:
             var, variable, level = label, label, ""
         base = variable.split(",")[0]
         p = float(tests.loc[base, "p"]) if base in tests.index and not level else np.nan
-        rows.append({"cohort": cohort, "variable": variable, "level": level, "good_response": r.get(1, r.get("1", "")),
-                     "poor_response": r.get(0, r.get("0", "")), "p_value": p, "test": r.get("test", ""),
-                     "note": _note(q) if label == "n" else ""})
+        rows.append({"cohort": cohort, "variable": variable, "level": level, "good_response": r.get("1", ""),
+                     "poor_response": r.get("0", ""), "p_value": p, "test": r.get("test", ""),
+                     "note": note if i == 0 else ""})
     return rows
 
 
-def _table2(q: Query) -> pd.DataFrame:
-    cols = ["predictor", "uni_or", "uni_lo", "uni_hi", "uni_p", "multi_or", "multi_lo", "multi_hi", "multi_p",
-            "selected", "note"]
-    if q.final is None:
-        return pd.DataFrame([{"predictor": "", "note": _note(q)}], columns=cols)
-    sel = q.final.result
+def table2(q: SiteQuery) -> pd.DataFrame:
+    cols = ["predictor", "uni_or", "uni_lo", "uni_hi", "uni_p", "uni_method", "uni_converged", "multi_or",
+            "multi_lo", "multi_hi", "multi_p", "multi_method", "multi_converged", "selected", "note"]
+    if not q.ok:
+        return pd.DataFrame([{"predictor": "", "note": query_note(q) or "not computed"}], columns=cols)
+    sel = q.result
+    final = sel.models[-1] if sel.models else None
+    final_fit = sel.fits[-1] if sel.fits else {}
     rows = []
     for term, r in sel.univariate.iterrows():
         row = {"predictor": term, "uni_or": r["odds_ratio"], "uni_lo": r["or_lo"], "uni_hi": r["or_hi"],
-               "uni_p": r["p"], "selected": term in sel.selected, "note": ""}
-        if term in sel.multivariate.index:
-            m = sel.multivariate.loc[term]
-            row.update(multi_or=m["odds_ratio"], multi_lo=m["or_lo"], multi_hi=m["or_hi"], multi_p=m["p"])
+               "uni_p": r["p"], "uni_method": r.get("method", ""), "uni_converged": r.get("converged", ""),
+               "selected": term in sel.selected, "note": r.get("note", "") if isinstance(r.get("note"), str) else ""}
+        if final is not None and term in final.index:
+            m = final.loc[term]
+            row.update(multi_or=m["odds_ratio"], multi_lo=m["or_lo"], multi_hi=m["or_hi"], multi_p=m["p"],
+                       multi_method=final_fit.get("method", ""), multi_converged=final_fit.get("converged", ""))
         rows.append(row)
     out = pd.DataFrame(rows, columns=cols)
     if len(out):
-        out.loc[0, "note"] = _note(q)
+        note = query_note(q)
+        out.loc[0, "note"] = "; ".join(n for n in (out.loc[0, "note"], note) if n)
     return out
 
 
 # --------------------------------------------------------------------------- the analysis
-def run_analysis(transport: Transport, fusion_transport: FusionTransport, cfg: RectalFLConfig,
+def run_analysis(run_stats: StatsRun, fusion_transport: FusionTransport, cfg: RectalFLConfig,
                  roles: Mapping[str, str], out_dir: Path | None = None, *,
                  reference: Callable[[FusionSpec], dict[str, Any]] | None = None,
                  progress: Callable[[str], None] | None = None) -> Analysis:
-    """Run stages 1-4 (module docstring) through ``transport``; write tables if ``out_dir`` is given.
+    """Run stages 1-4 (module docstring) through ``run_stats``; write tables if ``out_dir`` is given.
 
     ``reference(spec)`` (simulation only) fits the pooled scikit-learn reference on the same rows
     and returns ``{"C", "gamma", "cv_auc"}`` plus ``{cohort: auc}``.
     """
+    from server.fusion_fit import fit_models, shap_table
+
     say = progress or (lambda s: logger.info(s))
-    k = cfg.privacy.min_cell_count
     groups = cohorts(roles)
     train_sites = groups[TRAINING]
     res = Analysis()
-    all_q: list[Query] = []
 
     # 1. selection + Table 1
     say("selecting clinical predictors and building Table 1")
     preds = list(cfg.fusion.clinical_predictors)
-    q_sel = Query("select", SelectPredictorsProtocol(preds, cfg.fusion.p_univariate, cfg.fusion.p_multivariate,
-                                                     min_count=k), preds, COHORT_SPLITS[TRAINING], train_sites)
-    tspec = table_one_spec(cfg)
-    q_t1 = {c: Query(f"table1@{c}", TableOneProtocol(tspec, min_count=k), list(tspec.columns), COHORT_SPLITS[c],
-                     sites, extra={"table": table_spec_to_json(tspec)}) for c, sites in groups.items()}
-    run_queries([q_sel, *q_t1.values()], transport)
-    all_q += [q_sel, *q_t1.values()]
-    selected = list(q_sel.final.result.selected) if q_sel.final is not None else []
-    if q_sel.final is None:
-        logger.warning("predictor selection failed (%s); CR and CRD are not fitted", q_sel.error)
+    q_sel = SiteQuery("select", SelectionSite(preds, cfg.fusion.p_univariate, cfg.fusion.p_multivariate), TRAINING,
+                      preds, train_sites)
+    q_t1 = {c: SiteQuery(f"table1.{c}", TableOneSite(table_one_variables(cfg), group_labels=["0", "1"]), c, preds,
+                         sites) for c, sites in groups.items()}
+    run_stats([q_sel, *q_t1.values()])
+    res.queries += [q_sel, *q_t1.values()]
+    selected = list(q_sel.result.selected) if q_sel.ok else []
+    if not q_sel.ok:
+        logger.warning("predictor selection not available (%s); CR and CRD are not fitted", query_note(q_sel))
     res.tables["table1_baseline"] = pd.DataFrame(
-        [r for c, q in q_t1.items() for r in _table1(q, c)],
+        [r for c, q in q_t1.items() for r in table1_rows(q, c)],
         columns=["cohort", "variable", "level", "good_response", "poor_response", "p_value", "test", "note"])
-    res.tables["table2_odds_ratios"] = _table2(q_sel)
+    res.tables["table2_odds_ratios"] = table2(q_sel)
 
     # 2. fusion fits (training cohort only)
     res.specs = fusion_specs(cfg, selected)
     say(f"fitting {len(res.specs)} fusion model(s) by federated cross-validation")
-    fits = [Query(f"fit@{s.name}", FusionSVMProtocol(len(s.inputs), cfg.fusion.C_grid, cfg.fusion.gamma_factors,
-                                                     cfg.fusion.n_components, cfg.split.cv_folds, cfg.seed,
-                                                     loss=cfg.fusion.loss, huber_h=cfg.fusion.huber_h, min_count=k),
-                  list(s.inputs), COHORT_SPLITS[TRAINING], train_sites) for s in res.specs]
-    run_queries(fits, transport, max_rounds=400)
-    res.fit_queries = fits
-    all_q += fits
-    fit_rows = []
-    for s, q in zip(res.specs, fits, strict=True):
-        row: dict[str, Any] = {"model": s.name, "inputs": ";".join(s.inputs), "C": np.nan, "gamma": np.nan,
-                               "n_components": cfg.fusion.n_components, "cv_auc": np.nan, "platt_a": np.nan,
-                               "platt_b": np.nan, "rounds": q.protocol.round, "bytes_per_site": np.nan,
-                               "ref_C": np.nan, "ref_gamma": np.nan, "ref_cv_auc": np.nan, "note": _note(q)}
-        if q.final is not None:
-            m: SVMModel = q.final.result
-            m.columns = list(s.inputs)
-            res.models[s.name] = m
-            row.update(C=m.C, gamma=m.gamma, cv_auc=m.cv_auc, platt_a=m.platt_a, platt_b=m.platt_b)
-            withheld = int(q.final.bound.get("withheld_contributions", 0))
-            if withheld:
-                row["note"] = (row["note"] + "; " if row["note"] else "") + (
-                    f"{withheld} site contribution(s) withheld by disclosure control (fit approximate)")
-        if reference is not None:
-            ref = reference(s)
-            row.update(ref_C=ref.get("C"), ref_gamma=ref.get("gamma"), ref_cv_auc=ref.get("cv_auc"))
-            for c in (INTERNAL, EXTERNAL):
-                if c in ref:
-                    row[f"ref_auc_{c}"] = ref[c]
-        fit_rows.append(row)
+    models, fit_rows, fit_queries = fit_models(run_stats, res.specs, cfg, train_sites, groups.get(EXTERNAL, []),
+                                               reference=reference)
+    res.models = models
+    res.queries += fit_queries
     res.tables["fusion_models"] = pd.DataFrame(fit_rows)
 
-    # 3. scoring on site
-    shap_rows = []
-    if res.models:
+    # 3. scoring on site, SHAP sums
+    if models:
         say("scoring every patient on site with the fusion models")
-        replies = fusion_transport(res.models)
-        for name, m in res.models.items():
-            sums = [v for v in replies.values() if not int(v.get(f"{name}|withheld", 0))]
-            n = sum(int(v.get(f"{name}|n", 0)) for v in sums)
-            held = sorted(s for s, v in replies.items() if int(v.get(f"{name}|withheld", 0)))
-            note = f"withheld by {', '.join(held)} (fewer than {k} patients)" if held else ""
-            tot = sum(np.asarray(v[f"{name}|abs_shap"], dtype=float) for v in sums if f"{name}|abs_shap" in v)
-            for j, col in enumerate(m.columns):
-                shap_rows.append({"model": name, "feature": col,
-                                  "mean_abs_shap": float(tot[j]) / n if n else np.nan, "n_patients": n, "note": note})
+        replies = fusion_transport(models)
         missing = sorted(set(roles) - set(replies))
         if missing:
             logger.warning("site(s) %s did not score the fusion models; they are missing from the evaluation", missing)
-    res.tables["shap_importance"] = pd.DataFrame(shap_rows, columns=["model", "feature", "mean_abs_shap",
-                                                                     "n_patients", "note"])
+    shap, shap_queries = shap_table(run_stats, models, train_sites)
+    res.tables["shap_importance"] = shap
+    res.queries += shap_queries
 
     # 4. evaluation
     say("evaluating models per cohort and per site")
-    models = [s.name for s in res.specs if s.name in res.models]
-    col = {m: f"fusion_{m}" for m in models}
-    ev: dict[tuple, Query] = {}
-
-    def add(kind: str, key: tuple, proto: Any, columns: list[str], splits: list[str], sites: list[str]) -> None:
-        ev[(kind, *key)] = Query("@".join([kind, *key]), proto, columns, splits, sites)
-
-    for c, sites in groups.items():
-        for m in models:
-            add("roc", (m, c), CurveROCProtocol(1, min_count=k), [col[m]], COHORT_SPLITS[c], sites)
-            add("bin", (m, c), BinaryMetricsProtocol(cfg.fusion.threshold, min_count=k), [col[m]], COHORT_SPLITS[c], sites)
-            add("cal", (m, c), CalibrationProtocol(min_count=k), [col[m]], COHORT_SPLITS[c], sites)
-            add("dca", (m, c), NetBenefitProtocol(NET_BENEFIT_THRESHOLDS, min_count=k), [col[m]], COHORT_SPLITS[c],
-                sites)
-        for a, b in combinations(models, 2):
-            add("delong", (a, b, c), ROCProtocol(2, output="delong", min_count=k), [col[a], col[b]],
-                COHORT_SPLITS[c], sites)
-        for sig in fusion_specs(cfg, [])[0].inputs:
-            add("sig", (sig, c), CurveROCProtocol(1, min_count=k), [sig], COHORT_SPLITS[c], sites)
-    for site, role in sorted(roles.items()):
-        split = ["external"] if role == "external" else ["test"]
-        for m in models:
-            add("site_roc", (m, site), ROCProtocol(1, min_count=k), [col[m]], split, [site])
-            add("site_bin", (m, site), BinaryMetricsProtocol(cfg.fusion.threshold, min_count=k), [col[m]], split,
-                [site])
-    run_queries(list(ev.values()), transport)
-    all_q += list(ev.values())
-    _evaluation_tables(res, ev, groups, models, roles, cfg)
-    res.tables["suppressions"] = pd.DataFrame(_suppressions(all_q), columns=["quantity", "site", "reason"])
+    names = [s.name for s in res.specs if s.name in models]
+    _evaluate(run_stats, res, names, groups, roles, cfg)
+    res.tables["suppressions"] = suppressions(res.queries)
     if out_dir is not None:
         write_outputs(res, Path(out_dir))
     return res
 
 
-def _evaluation_tables(res: Analysis, ev: dict[tuple, Query], groups: dict[str, list[str]], models: list[str],
-                       roles: Mapping[str, str], cfg: RectalFLConfig) -> None:
+def _evaluate(run_stats: StatsRun, res: Analysis, names: list[str], groups: dict[str, list[str]],
+              roles: Mapping[str, str], cfg: RectalFLConfig) -> None:
+    col = {m: f"fusion_{m}" for m in names}
+    thr = round(float(cfg.fusion.threshold), 2)
+    sig_cols = fusion_specs(cfg, [])[0].inputs
+    q_roc, q_bin, q_cal, q_sig = {}, {}, {}, {}
+    for c, sites in groups.items():
+        if names:
+            q_roc[c] = SiteQuery(f"roc.{c}", ROCSite([col[m] for m in names], display_bins=DISPLAY_BINS), c,
+                                 [col[m] for m in names], sites)
+        for m in names:
+            q_bin[(m, c)] = SiteQuery(f"bin.{m}.{c}", ThresholdMetricsSite(col[m], thr), c, [col[m]], sites)
+            q_cal[(m, c)] = SiteQuery(f"cal.{m}.{c}", CalibrationSite(col[m]), c, [col[m]], sites)
+        q_sig[c] = SiteQuery(f"sigdist.{c}", ROCSite(sig_cols, display_bins=DISPLAY_BINS), c, sig_cols, sites)
+    q_site_roc, q_site_bin = {}, {}
+    for site, role in sorted(roles.items()):
+        c = EXTERNAL if role == "external" else INTERNAL
+        if names:
+            q_site_roc[site] = SiteQuery(f"site.roc.{site}", ROCSite([col[m] for m in names]), c,
+                                         [col[m] for m in names], [site])
+        for m in names:
+            q_site_bin[(m, site)] = SiteQuery(f"site.bin.{m}.{site}", ThresholdMetricsSite(col[m], thr), c, [col[m]],
+                                              [site])
+    allq = [*q_roc.values(), *q_bin.values(), *q_cal.values(), *q_sig.values(), *q_site_roc.values(),
+            *q_site_bin.values()]
+    run_stats(allq)
+    res.queries += allq
+
     perf, cal, dl, site_rows = [], [], [], []
     curves: dict[str, list] = {"roc": [], "calibration": [], "decision": [], "distributions": []}
     for c in groups:
-        dec: dict[str, Any] = {"cohort": c, "thresholds": NET_BENEFIT_THRESHOLDS.tolist(), "treat_all": [],
-                               "models": {}}
-        for m in models:
-            qr, qb, qc, qd = ev[("roc", m, c)], ev[("bin", m, c)], ev[("cal", m, c)], ev[("dca", m, c)]
-            row: dict[str, Any] = {"model": m, "cohort": c, "n_pos": 0, "n_neg": 0, "accuracy": np.nan,
-                                   "auc": np.nan, "auc_lo": np.nan, "auc_hi": np.nan, "sensitivity": np.nan,
-                                   "specificity": np.nan, "f1": np.nan, "threshold": cfg.fusion.threshold,
-                                   "note": "; ".join(n for n in (_note(qr), _note(qb)) if n)}
-            if qr.final is not None:
-                r = qr.final.result
-                row.update(n_pos=r.n_pos, n_neg=r.n_neg, auc=r.auc, auc_lo=r.lo, auc_hi=r.hi)
-                lo, hi = wilson(qr.protocol.curve["tpr"], r.n_pos)
-                curves["roc"].append({"model": m, "cohort": c, "fpr": qr.protocol.curve["fpr"].tolist(),
-                                      "tpr": qr.protocol.curve["tpr"].tolist(), "tpr_lo": lo.tolist(),
-                                      "tpr_hi": hi.tolist(), "auc": r.auc, "auc_lo": r.lo, "auc_hi": r.hi})
-            if qb.final is not None:
-                b = qb.final.result
-                row.update(accuracy=b.accuracy, sensitivity=b.sensitivity, specificity=b.specificity, f1=b.f1)
+        qr = q_roc.get(c)
+        roc = qr.result if qr is not None and qr.ok else None
+        dec: dict[str, Any] = {"cohort": c, "models": {}}
+        for m in names:
+            qb, qc = q_bin[(m, c)], q_cal[(m, c)]
+            row = _perf_row(m, c, roc, col[m], qb, thr,
+                            [query_note(qr, col[m], curves=False) if qr else "", query_note(qb)])
             perf.append(row)
-            crow = {"model": m, "cohort": c, "brier": np.nan, "ece": np.nan, "slope": np.nan, "intercept": np.nan,
-                    "note": _note(qc)}
-            if qc.final is not None:
-                r = qc.final.result
-                crow.update(brier=r.brier, ece=r.ece, slope=r.slope, intercept=r.intercept)
+            if roc is not None and col[m] in roc.aucs and col[m] in roc.curves:
+                a = roc.aucs[col[m]]
+                pts = display_curve(roc.curves[col[m]])
+                lo, hi = wilson(np.asarray(pts["tpr"]), int(a.n_pos))
+                curves["roc"].append({"model": m, "cohort": c, **pts, "tpr_lo": lo.tolist(), "tpr_hi": hi.tolist(),
+                                      "auc": a.auc, "auc_lo": a.lo, "auc_hi": a.hi})
+                nb = roc.net_benefit(col[m])
+                dec["models"][m] = {"thresholds": nb["threshold"].tolist(), "net_benefit": nb["model"].tolist(),
+                                    "treat_all": nb["treat_all"].tolist()}
+            crow: dict[str, Any] = {"model": m, "cohort": c, "brier": np.nan, "ece": np.nan, "slope": np.nan,
+                                    "intercept": np.nan, "converged": "", "note": query_note(qc)}
+            if qc.ok and qc.result.result is not None:
+                r = qc.result.result
+                crow.update(brier=r.brier, ece=r.ece, slope=r.slope, intercept=r.intercept,
+                            converged=all(f.get("converged", False) for f in qc.result.fits.values()))
                 bins = r.bins[r.bins["count"] > 0]
                 curves["calibration"].append({"model": m, "cohort": c,
                                               "mean_predicted": bins["mean_predicted"].tolist(),
                                               "observed": bins["observed_rate"].tolist(), "n": bins["count"].tolist()})
             cal.append(crow)
-            if qd.final is not None:
-                f = qd.final.result
-                dec["models"][m] = f["model"].tolist()
-                dec["treat_all"] = f["treat_all"].tolist()
         if dec["models"]:
             curves["decision"].append(dec)
-        for a, b in combinations(models, 2):
-            q = ev[("delong", a, b, c)]
+        for a, b in combinations(names, 2):
             row = {"cohort": c, "model_a": a, "model_b": b, "auc_a": np.nan, "auc_b": np.nan, "diff": np.nan,
-                   "p": np.nan, "note": _note(q)}
-            if q.final is not None:
-                r = q.final.result
+                   "p": np.nan, "note": query_note(qr, curves=False) if qr else ""}
+            if roc is not None and col[a] in roc.aucs and col[b] in roc.aucs:
+                r = roc.delong(col[a], col[b])
                 row.update(auc_a=r.auc_a, auc_b=r.auc_b, diff=r.diff, p=r.p)
             dl.append(row)
-        for sig in fusion_specs(cfg, [])[0].inputs:
-            q = ev[("sig", sig, c)]
-            if q.final is not None:
-                curves["distributions"].append({"signature": sig, "cohort": c,
-                                                "edges": np.linspace(0, 1, DISPLAY_BINS + 1).tolist(),
-                                                "good": q.protocol.hist["pos"].tolist(),
-                                                "poor": q.protocol.hist["neg"].tolist()})
+        qs = q_sig[c]
+        if qs.ok:
+            for sig in sig_cols:
+                cells = qs.result.curves.get(sig)
+                if cells:
+                    curves["distributions"].append({"signature": sig, "cohort": c,
+                                                    "edges": [*cells["lo"], cells["hi"][-1]],
+                                                    "good": cells["n_pos"], "poor": cells["n_neg"]})
     for site, role in sorted(roles.items()):
-        for m in models:
-            qr, qb = ev[("site_roc", m, site)], ev[("site_bin", m, site)]
-            row = {"model": m, "site": site, "role": role, "split": "external" if role == "external" else "test",
-                   "n_pos": 0, "n_neg": 0, "auc": np.nan, "auc_lo": np.nan, "auc_hi": np.nan, "accuracy": np.nan,
-                   "sensitivity": np.nan, "specificity": np.nan, "f1": np.nan,
-                   "note": "; ".join(n for n in (_note(qr), _note(qb)) if n)}
-            if qr.final is not None:
-                r = qr.final.result
-                row.update(n_pos=r.n_pos, n_neg=r.n_neg, auc=r.auc, auc_lo=r.lo, auc_hi=r.hi)
-            if qb.final is not None:
-                b = qb.final.result
-                row.update(accuracy=b.accuracy, sensitivity=b.sensitivity, specificity=b.specificity, f1=b.f1)
-            site_rows.append(row)
+        qr = q_site_roc.get(site)
+        roc = qr.result if qr is not None and qr.ok else None
+        for m in names:
+            qb = q_site_bin[(m, site)]
+            row = _perf_row(m, "", roc, col[m], qb, thr,
+                            [query_note(qr, col[m], curves=False) if qr else "", query_note(qb)])
+            row.pop("cohort")
+            site_rows.append({"model": m, "site": site, "role": role,
+                              "split": "external" if role == "external" else "test", **row})
     res.tables["table3_performance"] = pd.DataFrame(perf)
     res.tables["calibration"] = pd.DataFrame(cal)
     res.tables["delong"] = pd.DataFrame(dl, columns=["cohort", "model_a", "model_b", "auc_a", "auc_b", "diff", "p",
@@ -418,8 +373,30 @@ def _evaluation_tables(res: Analysis, ev: dict[tuple, Query], groups: dict[str, 
     res.curves = curves
 
 
+def _perf_row(m: str, c: str, roc: Any, column: str, qb: SiteQuery, thr: float, notes: list[str]) -> dict[str, Any]:
+    """One Table 3 row. The AUC and the threshold metrics describe the same fixed patient set (the
+    site's complete-case set of that cohort); ``n_pos``/``n_neg`` are that set's."""
+    row: dict[str, Any] = {"model": m, "cohort": c, "n_pos": 0, "n_neg": 0, "auc": np.nan, "auc_lo": np.nan,
+                           "auc_hi": np.nan, "auc_bound": np.nan, "accuracy": np.nan, "sensitivity": np.nan,
+                           "specificity": np.nan, "f1": np.nan, "threshold": thr, "approx": False,
+                           "note": "; ".join(dict.fromkeys(n for n in notes if n))}
+    if roc is not None and column in roc.aucs:
+        a = roc.aucs[column]
+        row.update(n_pos=int(a.n_pos), n_neg=int(a.n_neg), auc=a.auc, auc_lo=a.lo, auc_hi=a.hi,
+                   auc_bound=float(roc.tie_bound.get(column, np.nan)))
+    if qb.ok and qb.result.metrics is not None:
+        b = qb.result.metrics
+        row.update(accuracy=b.accuracy, sensitivity=b.sensitivity, specificity=b.specificity, f1=b.f1,
+                   approx=bool(qb.result.approx))
+        if roc is None or column not in roc.aucs:
+            row.update(n_pos=int(b.tp + b.fn), n_neg=int(b.tn + b.fp))
+    return row
+
+
 def write_outputs(res: Analysis, out_dir: Path) -> list[Path]:
     """``tables/<name>.csv`` for every table and ``report_data/curves.json``; returns the paths."""
+    from shared.fusion import models_to_payload
+
     paths = []
     (out_dir / "tables").mkdir(parents=True, exist_ok=True)
     for name, df in res.tables.items():
@@ -438,3 +415,6 @@ def write_outputs(res: Analysis, out_dir: Path) -> list[Path]:
                                                  indent=2))
     paths += [mdir / "fusion.npz", mdir / "fusion.json"]
     return paths
+
+
+__all__ = ["WITHHELD", "Analysis", "FusionSpec", "cohorts", "fusion_specs", "run_analysis", "write_outputs"]

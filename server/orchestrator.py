@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -34,6 +34,10 @@ from shared.records import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+POLICY_REFUSED_CODE = 4300
+"""Error code of a site's reply that its policy refused the request (see ``client.client_app``)."""
 
 
 class FederationError(RuntimeError):
@@ -126,11 +130,12 @@ class Orchestrator:
         self.timeout = timeout
         self.expected_nodes = expected_nodes
         self.nodes: list[SiteNode] = []
+        self.floors: dict[str, int] = {}
         self.cfg_yaml = cfg.to_yaml()
 
     # ------------------------------------------------------------------ messaging
     def _config(self, **extra: Any) -> ConfigRecord:
-        conf: dict[str, Any] = {"rectalfl-config": self.cfg_yaml, **extra}
+        conf: dict[str, Any] = {"rectalfl-config": self.cfg_yaml, "run-id": self.run_id, **extra}
         if self.sim_sites is not None:
             conf["sim-sites"] = pack_json(self.sim_sites)
         return ConfigRecord(conf)
@@ -187,6 +192,7 @@ class Orchestrator:
         ids = self.wait_for_nodes()
         with self.store.stage(self.run_id, "discover"):
             self.nodes = sorted(self._describe(ids), key=lambda n: n.site)
+        self.poll_liveness()
         if not any(n.role == "train" for n in self.nodes):
             raise FederationError("no training site answered the discovery query")
         return self.nodes
@@ -197,8 +203,13 @@ class Orchestrator:
         nodes = []
         for m in ok:
             info = unpack_json(str(m.content["info"]["info"]))
-            role = "external" if info["site"] in self.external else "train"
-            counts = {k: int(v) for k, v in info.items() if k != "site"}
+            own_role = str(info.get("role") or "")
+            role = own_role or ("external" if info["site"] in self.external else "train")
+            if own_role and (own_role == "external") != (info["site"] in self.external):
+                self.store.event(self.run_id, "role_from_site", f"{info['site']} is {own_role} by its own policy",
+                                 level="warning", site=info["site"])
+            counts = {k: int(v) for k, v in info.items() if k.startswith("patients-")}
+            self.floors[info["site"]] = int(info.get("min-cell-count", 0))
             nodes.append(SiteNode(m.metadata.src_node_id, info["site"], role, counts))
             self.store.event(self.run_id, "site_joined", f"{info['site']} joined as {role}", site=info["site"],
                              detail=counts)
@@ -225,6 +236,15 @@ class Orchestrator:
             changed = True
         return changed
 
+    def poll_liveness(self) -> None:
+        """Record each site's online status and last heartbeat in the run record (for the dashboard)."""
+        from server.liveness import poll_grid
+
+        try:
+            poll_grid(self.grid, self.store, self.run_id, {n.node_id: n.site for n in self.nodes}, roles=self.roles())
+        except Exception as exc:  # noqa: BLE001 - liveness is for the dashboard; it never stops a run
+            logger.warning("could not record site liveness: %s: %s", type(exc).__name__, exc)
+
     @property
     def train_nodes(self) -> list[SiteNode]:
         return [n for n in self.nodes if n.role == "train"]
@@ -246,6 +266,7 @@ class Orchestrator:
                 t0 = time.perf_counter()
                 if self.refresh_nodes(rnd):
                     view = _SubsetGrid(self.grid, [n.node_id for n in self.train_nodes])
+                self.poll_liveness()
                 # weights travel packed (one array per dtype): Flower moves each Array as its own request
                 packed, layout = pack_arrays(record_to_arrays(arrays))
                 conf = self._config(**{LAYOUT_KEY: layout}, **({"proximal-mu": self.cfg.federation.proximal_mu}
@@ -342,6 +363,10 @@ class Orchestrator:
     def roles(self) -> dict[str, str]:
         return {n.site: n.role for n in self.nodes}
 
+    def min_count(self) -> int:
+        """The disclosure floor statistics ask for: the run's, or the strictest site's own if higher."""
+        return max([self.cfg.privacy.min_cell_count, *self.floors.values()])
+
     def signatures(self, arrays: ArrayRecord) -> dict[str, int]:
         """Every site (training and external) computes its signatures and keeps them; counts come back."""
         ids = [n.node_id for n in self.nodes]
@@ -359,19 +384,36 @@ class Orchestrator:
                 out[str(m.content["site"]["name"])] = int(m.content["metrics"]["patients-with-signatures"])
         return out
 
-    def stats_transport(self, payloads: dict[str, dict]) -> dict[str, dict]:
-        """One round of federated-statistics queries: one ``evaluate.stats`` message per site."""
+    def site_stats_transport(self, requests: dict[str, dict]) -> dict[str, dict]:
+        """Site-computed statistics (``shared.stats_driver``): one ``evaluate.stats`` message per site.
+
+        A site whose policy refuses the whole request answers with an error naming the rule; it is
+        recorded as a ``policy_refused`` event and that site's queries end.
+        """
+        from shared.wire import pack, unpack
+
         by_site = {n.site: n.node_id for n in self.nodes}
         msgs = []
-        for site, p in payloads.items():
+        for site, req in requests.items():
             if site not in by_site:
                 continue
-            arrays = {k: np.asarray(v) for k, v in p["values"].items() if isinstance(v, np.ndarray)}
-            scalars = {k: v for k, v in p["values"].items() if not isinstance(v, np.ndarray)}
-            content = RecordDict({"config": self._config(queries=pack_json(p["spec"])),
-                                  "arrays": arrays_to_record(arrays), "metrics": MetricRecord(scalars)})
+            text, arrays = pack(req)
+            content = RecordDict({"config": self._config(request=text), "arrays": arrays_to_record(arrays)})
             msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
-        return self.exchange("evaluate", msgs)
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        refused = [m for m in replies if m.has_error() and m.error.code == POLICY_REFUSED_CODE]
+        for m in refused:
+            self.store.event(self.run_id, "policy_refused", m.error.reason, level="warning",
+                             site=self._site_of(m.metadata.src_node_id), detail={"stage": "statistics"})
+        refused_ids = {m.metadata.src_node_id for m in refused}
+        ok = self._record_failures("statistics", None,
+                                   [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in refused_ids],
+                                   [m for m in replies if m not in refused])
+        out: dict[str, dict] = {}
+        for m in ok:
+            arrays = record_to_arrays(m.content["arrays"]) if "arrays" in m.content else {}
+            out[str(m.content["site"]["name"])] = unpack(str(m.content["reply"]["json"]), arrays)
+        return out
 
     def exchange(self, stage: str, msgs: list[Message]) -> dict[str, dict]:
         """Send, record failures, and return each replying site's arrays + metrics as one flat dict."""

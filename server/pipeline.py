@@ -123,7 +123,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
         save_final_model(cfg, run_dir, final, store, run_id, seconds=time.perf_counter() - t0)
         orch.signatures(final)
         with store.stage(run_id, "evaluate"):
-            table = evaluate_signatures(orch.stats_transport, cfg, orch.roles())
+            table = evaluate_signatures(stats_runner(orch), cfg, orch.roles())
             write_table(table, run_dir / "tables" / "signature_auc.csv", store, run_id, run_dir)
             for row in table.itertuples():
                 if pd.notna(row.auc):
@@ -180,8 +180,25 @@ def mark_interrupted(store: Any, run_id: str, run_dir: Path, exc: BaseException)
     announce(f"run interrupted by {name}; the run record keeps what finished; run directory: {run_dir}")
 
 
+def stats_runner(orch: Any) -> Any:
+    """Site-computed queries over the orchestrator's nodes (``evaluate.stats`` messages), at the
+    strictest floor of the run and its sites; every policy refusal is recorded as an event."""
+    from shared.stats_driver import run_site_queries
+
+    def run(queries: list) -> list:
+        run_site_queries(queries, orch.site_stats_transport, run=orch.run_id, k=orch.min_count(), roles=orch.roles())
+        for q in queries:
+            for site, why in q.refused.items():
+                orch.store.event(orch.run_id, "policy_refused", f"{q.qid}: {why.get('reason', '')}", level="warning",
+                                 site=site, detail={"query": q.qid, "rule": why.get("rule")})
+        return queries
+
+    return run
+
+
 def fusion_transport(orch: Any) -> Any:
-    """Send the fitted fusion models to every site (``evaluate.fusion``); SHAP sums and counts come back."""
+    """Send the fitted fusion models to every site (``evaluate.fusion``): each scores its patients with
+    the models it derived itself and keeps the scores; counts come back."""
     from flwr.app import Message, RecordDict
 
     from shared.fusion import models_to_payload
@@ -205,7 +222,7 @@ def run_fusion_analysis(orch: Any, cfg: RectalFLConfig, run_dir: Path, store: An
     roles = orch.roles()
     with store.stage(run_id, "analysis"):
         ref = reference if cfg.fusion.pooled_reference else None
-        res = run_analysis(orch.stats_transport, fusion_transport(orch), cfg, roles, run_dir, reference=ref)
+        res = run_analysis(stats_runner(orch), fusion_transport(orch), cfg, roles, run_dir, reference=ref)
         for name in res.tables:
             store.add_artefact(run_id, "table", run_dir / "tables" / f"{name}.csv", run_dir)
         store.add_artefact(run_id, "model", run_dir / "models" / "fusion.npz", run_dir,

@@ -333,27 +333,39 @@ def _fig_calibration(inp: Inputs, cohort: str, shown: list[str], colour: dict[st
 
 
 def _fig_decision(d: dict[str, Any], shown: list[str], colour: dict[str, str], path: Path) -> Path | None:
+    """Decision curves. Each model's curve is drawn at the thresholds its released cells decide exactly
+    (``models: {m: {thresholds, net_benefit, treat_all}}``); an older layout with one shared threshold
+    list (``thresholds`` + ``models: {m: [...]}``, ``treat_all``) is read too."""
     plt = _plt()
-    t = _arr(d.get("thresholds"))
-    models = {str(k): _arr(v) for k, v in (d.get("models") or {}).items()}
-    lines = [(m, nb) for m, nb in models.items() if m in shown and len(t) and len(nb) == len(t)]
+    shared_t = _arr(d.get("thresholds"))
+    lines = []
+    for m, v in (d.get("models") or {}).items():
+        if str(m) not in shown:
+            continue
+        if isinstance(v, dict):
+            t, nb, ta = _arr(v.get("thresholds")), _arr(v.get("net_benefit")), _arr(v.get("treat_all"))
+        else:
+            t, nb, ta = shared_t, _arr(v), _arr(d.get("treat_all"))
+        if len(t) and len(nb) == len(t):
+            lines.append((str(m), t, nb, ta if len(ta) == len(t) else None))
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
-    top = 0.0
-    for m, nb in lines:
-        ax.plot(t, nb, color=colour[m], lw=1.8, label=m)
+    top, lo_t, hi_t = 0.0, 1.0, 0.0
+    for m, t, nb, _ in lines:
+        ax.plot(t, nb, color=colour[m], lw=1.8, label=m, marker="." if len(t) < 25 else None)
         if np.isfinite(nb).any():
             top = max(top, float(np.nanmax(nb)))
-    ta = _arr(d.get("treat_all"))
-    if len(ta) == len(t):
-        ax.plot(t, ta, color="#777777", lw=1.2, ls="-.", label="treat all")
-        if np.isfinite(ta).any():
-            top = max(top, float(np.nanmax(ta)))
+        lo_t, hi_t = min(lo_t, float(np.nanmin(t))), max(hi_t, float(np.nanmax(t)))
+    ref = max(lines, key=lambda x: len(x[1]))
+    if ref[3] is not None:
+        ax.plot(ref[1], ref[3], color="#777777", lw=1.2, ls="-.", label="treat all")
+        if np.isfinite(ref[3]).any():
+            top = max(top, float(np.nanmax(ref[3])))
     ax.axhline(0, color="#000000", lw=1, ls=":", label="treat none")
     ax.set(xlabel="Threshold probability", ylabel="Net benefit",
            title=f"Decision curve, {_label(d.get('cohort', ''))}", ylim=(-0.05, top + 0.05),
-           xlim=(float(np.nanmin(t)), float(np.nanmax(t))))
+           xlim=(lo_t, hi_t if hi_t > lo_t else lo_t + 1e-3))
     ax.legend(frameon=False)
     return _save(fig, path)
 

@@ -272,11 +272,14 @@ class PolicyConfig(_Section):
     """Most statistics answers (query rounds) this site gives one run."""
     release_site_figures: bool = False
     """Whether numbers about this site alone (per-site AUCs, per-site table rows) may be released."""
-    secure_aggregation: bool = True
-    """Answer statistics only through secure aggregation (the server sees consortium totals only)."""
     roster: Path | None = None
     """Secure aggregation: the consortium's site public keys (a folder of <site>/site.pub, as `rectalfl
-    certs add-site` writes); the site verifies every peer against it (no server-made sites)."""
+    certs add-site` writes); the site verifies every peer against it (no server-made sites). Statistics
+    over several sites are always securely aggregated; without a roster a site answers only
+    single-site (its own) queries."""
+    role: Literal["train", "external"] | None = None
+    """This site's role in the consortium agreement: ``external`` sites never train and their patients
+    form the external cohort. Null accepts the role the server assigns (fixed for the run once given)."""
     identity_key: Path | None = None
     """Secure aggregation: this site's private key (default: deploy.site_key)."""
     epsilon_budget: float | None = Field(None, gt=0)

@@ -5,8 +5,8 @@ real consortium.
 
 - :func:`pooled_reference`: scikit-learn's ``SVC`` (+ Platt) on the pooled training-cohort rows of
   every site, the yardstick the federated fusion SVM is compared with (``ref_*`` columns);
-- :class:`InProcessSites`: sites held in this process, answering the server's fusion-analysis
-  queries with the same site-side code as the ClientApp, without Flower (tests, baselines).
+(Sites held in this process, answering with the same site-side code as the ClientApp, are
+:class:`simulations.sites.InProcessConsortium`.)
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from client.site_table import apply_fusion, build_site_table, encode_clinical, read_scores
+from client.site_table import build_site_table, encode_clinical
 from server.analysis import COHORT_SPLITS, EXTERNAL, INTERNAL, TRAINING, FusionSpec, cohorts
 from shared.cohort import load_patients
 from shared.config import RectalFLConfig
-from shared.fusion import PooledSVC, SVMModel
-from shared.queries import answer_queries
+from shared.fusion import PooledSVC
 
 logger = logging.getLogger(__name__)
 
@@ -72,40 +71,6 @@ def pooled_reference(cfg: RectalFLConfig, sim_sites: list[dict], roles: Mapping[
         return out
 
     return fit
-
-
-class InProcessSites:
-    """Sites held in this process (tests, baselines): the same site-side code, no Flower.
-
-    Parameters
-    ----------
-    tables : mapping site -> DataFrame
-        Each site's signatures + clinical predictors (``patient_id, split, label, ...``).
-    cache_dirs : mapping site -> Path
-        Where each site keeps its fusion scores and SHAP values.
-    min_count : int
-    """
-
-    def __init__(self, tables: Mapping[str, pd.DataFrame], cache_dirs: Mapping[str, Path], min_count: int):
-        self.base = dict(tables)
-        self.cache_dirs = {s: Path(p) for s, p in cache_dirs.items()}
-        self.min_count = min_count
-
-    def table(self, site: str) -> pd.DataFrame:
-        base = self.base[site]
-        scores = read_scores(self.cache_dirs[site])
-        if scores is None:
-            return base
-        base = base.assign(patient_id=base["patient_id"].astype(str))
-        return base.merge(scores, on="patient_id", how="left", suffixes=("", "_score"))
-
-    def transport(self, payloads: dict[str, dict]) -> dict[str, dict[str, Any]]:
-        return {s: answer_queries(self.table(s), p["spec"], p["values"], site=s, min_count=self.min_count)
-                for s, p in payloads.items() if s in self.base}
-
-    def fusion(self, models: dict[str, SVMModel]) -> dict[str, dict[str, Any]]:
-        return {s: apply_fusion(self.base[s], models, self.cache_dirs[s], min_count=self.min_count, site=s)
-                for s in self.base}
 
 
 def reference_factory(sim_sites: list[dict]) -> Callable[[RectalFLConfig, Mapping[str, str]], Callable[..., dict]]:

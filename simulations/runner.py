@@ -140,6 +140,9 @@ def run_simulation(cfg: RectalFLConfig, *, run_dir: Path | None = None, resume: 
     if prepare:
         prepare_sites(cfg, workers=workers)
     sites, external = simulation_sites(cfg)
+    from simulations.sites import prepare_site_policies
+
+    prepare_site_policies(cfg, sites, external)  # each simulated hospital's own policy, key and roster
     t0 = time.perf_counter()
     try:
         if cfg.federation.mode == "federated":
@@ -542,29 +545,51 @@ def _train_group(cfg: RectalFLConfig, store: Any, run_id: str, run_dir: Path, mo
     return {k: OrderedDict(m.state_dict()) for k, m in models.items()}
 
 
+def _inprocess_fusion(cfg: RectalFLConfig, algos: dict[str, Any], names: list[str], run: str) -> Callable:
+    """Send fitted fusion models to simulated sites in this process, as ``evaluate.fusion`` does: each site
+    scores its patients only with models it derived itself in ``run`` (else refused), keeps the scores."""
+    from client.site_policy import load_rules
+    from client.stats_service import PolicyRefusal
+    from simulations.sites import site_service
+
+    def send(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for n in names:
+            algo = algos[n]
+            rules = load_rules({}, algo.cache_dir, cfg)
+            svc = site_service(n, algo.cache_dir, rules.policy, rules.clinical_columns, algo.site_table,
+                               rules.identity_key)
+            own = svc.derived_models(run)
+            foreign = sorted(name for name, m in models.items() if m.digest() not in own)
+            if foreign:
+                raise PolicyRefusal("models", f"site {n}: model(s) {foreign} were not derived by this site in {run}")
+            out[n] = algo.apply_fusion(models, run_id=run)
+        return out
+
+    return send
+
+
 def _baseline_analysis(cfg: RectalFLConfig, store: Any, run_id: str, out_dir: Path, run_dir: Path,
-                       algos: dict[str, Any], roles: dict[str, str], sites: list[dict], tag: str) -> None:
-    """The fusion analysis of one baseline model: the same federated protocols as a federated run, with
-    in-process sites answering (:class:`simulations.reference.InProcessSites`), then its report."""
-    from client.site_table import build_site_table
+                       algos: dict[str, Any], roles: dict[str, str], sites: list[dict], tag: str, run: str) -> None:
+    """The fusion analysis of one baseline model: the same site-computed queries as a federated run, the
+    simulated sites answering in this process (:func:`simulations.sites.inprocess_stats_runner`), then
+    the fitted models scored on site."""
     from server.analysis import run_analysis
-    from simulations.reference import InProcessSites, pooled_reference
+    from simulations.reference import pooled_reference
+    from simulations.sites import inprocess_stats_runner
 
     with store.stage(run_id, f"analysis:{tag}"):
-        members = {n: algos[n] for n in roles}
-        # signatures + clinical only: InProcessSites adds this run's fusion scores once they exist (a
-        # site table read from the cache now would carry a previous run's)
-        inproc = InProcessSites({n: build_site_table(a.load_signatures(), a.clinical, None)
-                                 for n, a in members.items()},
-                                {n: a.cache_dir for n, a in members.items()}, cfg.privacy.min_cell_count)
-        ref = (pooled_reference(cfg, [s for s in sites if s["name"] in roles], roles)
-               if cfg.fusion.pooled_reference else None)
-        res = run_analysis(inproc.transport, inproc.fusion, cfg, roles, out_dir, reference=ref)
+        members = [s for s in sites if s["name"] in roles]
+        ref = pooled_reference(cfg, members, roles) if cfg.fusion.pooled_reference else None
+        res = run_analysis(inprocess_stats_runner(cfg, members, run), _inprocess_fusion(cfg, algos, list(roles), run),
+                           cfg, roles, out_dir, reference=ref)
         for name in res.tables:
             store.add_artefact(run_id, "table", out_dir / "tables" / f"{name}.csv", run_dir)
-        store.add_artefact(run_id, "model", out_dir / "models" / "fusion.npz", run_dir,
-                           meta={"metadata": (out_dir / "models" / "fusion.json").relative_to(run_dir).as_posix()})
-        for row in res.tables["table3_performance"].itertuples():
+        if (out_dir / "models" / "fusion.npz").is_file():
+            store.add_artefact(run_id, "model", out_dir / "models" / "fusion.npz", run_dir,
+                               meta={"metadata": (out_dir / "models" / "fusion.json").relative_to(run_dir).as_posix()})
+        perf = res.tables.get("table3_performance")
+        for row in perf.itertuples() if perf is not None and "auc" in perf else []:
             if pd.notna(row.auc):
                 split = {"training": "train", "internal_test": "test"}.get(row.cohort, row.cohort)
                 store.log_metric(run_id, f"analysis:{tag}", f"cohort:{row.cohort}", f"{row.model}/auc",
@@ -630,8 +655,8 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
     from server.evaluation import evaluate_signatures
     from server.pipeline import mark_interrupted, prepare_run_dir, save_final_model, write_table
     from server.store import RunStore
-    from shared.queries import local_transport
     from shared.records import states_to_record
+    from simulations.sites import inprocess_stats_runner
 
     run_dir = Path(run_dir).resolve()
     cfg = prepare_run_dir(cfg, run_dir, resume=resume)
@@ -657,21 +682,23 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
             if mode == "pooled":
                 save_final_model(cfg, run_dir, states_to_record(final), store, run_id,
                                  seconds=time.perf_counter() - t0)
+            stats_run = f"{run_id}-{model_name}"  # each baseline model's signatures are their own data
             with store.stage(run_id, f"signatures:{model_name}"):
-                tables_by_site = {name: algo.signatures(final, external=name in external)
-                                  for name, algo in algos.items()}
+                for name, algo in algos.items():
+                    algo.signatures(final, external=name in external, run_id=stats_run)
             with store.stage(run_id, f"evaluate:{model_name}"):
-                # The same federated-statistics protocol as the federation, with in-process sites.
-                t = evaluate_signatures(local_transport(tables_by_site, cfg.privacy.min_cell_count), cfg, roles)
+                # The same site-computed statistics as the federation, with the simulated sites in this process.
+                t = evaluate_signatures(inprocess_stats_runner(cfg, sites, stats_run), cfg, roles)
             t.insert(0, "model", model_name)
             tables.append(t)
             if cfg.fusion.enabled:
                 if mode == "pooled":
-                    _baseline_analysis(cfg, store, run_id, run_dir, run_dir, algos, roles, sites, model_name)
+                    _baseline_analysis(cfg, store, run_id, run_dir, run_dir, algos, roles, sites, model_name,
+                                       stats_run)
                 else:  # each site alone: its model's fusion fitted on its own patients, checked on the external sites
                     own = {n: r for n, r in roles.items() if n in members or r == "external"}
                     _baseline_analysis(cfg, store, run_id, run_dir / model_name, run_dir, algos, own, sites,
-                                       model_name)
+                                       model_name, stats_run)
         table = pd.concat(tables, ignore_index=True)
         write_table(table, run_dir / "tables" / "signature_auc.csv", store, run_id, run_dir)
         if cfg.fusion.enabled:

@@ -10,7 +10,10 @@ from shared.config import RectalFLConfig, parse_config
 
 
 def tiny_config(root: Path, **overrides: object) -> RectalFLConfig:
-    """A consortium small enough for CPU tests: 3 training sites + 1 external, 32x32 slices."""
+    """A consortium small enough for CPU tests: 3 training sites + 1 external, 32x32 slices.
+
+    Big enough that each site's test split has at least 3 patients of each class (the smallest
+    disclosure floor a site policy allows), so every statistic can be released."""
     data = {
         "name": "tiny",
         "seed": 7,
@@ -27,16 +30,18 @@ def tiny_config(root: Path, **overrides: object) -> RectalFLConfig:
             "second_rater_fraction": 0.0,
             "dicom_fraction": 0.0,
             "sites": [
-                {"name": "site_a", "patients": 14, "prevalence": 0.4, "scanner": "siemens_like"},
-                {"name": "site_b", "patients": 12, "prevalence": 0.35, "scanner": "ge_like"},
-                {"name": "site_c", "patients": 10, "prevalence": 0.4, "scanner": "philips_like"},
-                {"name": "ext", "patients": 10, "prevalence": 0.4, "scanner": "legacy_1p5t", "external": True},
+                {"name": "site_a", "patients": 30, "prevalence": 0.4, "scanner": "siemens_like"},
+                {"name": "site_b", "patients": 26, "prevalence": 0.4, "scanner": "ge_like"},
+                {"name": "site_c", "patients": 24, "prevalence": 0.45, "scanner": "philips_like"},
+                {"name": "ext", "patients": 20, "prevalence": 0.4, "scanner": "legacy_1p5t", "external": True},
             ],
         },
         "split": {"scheme": "7:3"},
         "train": {"backbone": "densenet_tiny", "batch_size": 8, "lr": 0.05, "local_epochs": 1},
         "federation": {"rounds": 2, "min_sites": 2},
-        "privacy": {"min_cell_count": 1},
+        "privacy": {"min_cell_count": 3},
+        # every simulated site's own policy: the smallest floor the schema allows, per-site numbers released
+        "policy": {"min_cell_count": 3, "release_site_figures": True},
     }
     for dotted, value in overrides.items():
         node = data

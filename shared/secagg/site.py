@@ -130,7 +130,7 @@ class SiteSecAgg:
         if isinstance(min_sites, bool) or not isinstance(min_sites, int) or min_sites < 2:
             raise ValueError(f"min_sites must be an integer >= 2, got {min_sites!r}")
         if min_sites == 2:
-            logger.warning("site %s: min_sites=2 lets each of two participants learn the other's vector", site)
+            logger.info("site %s: min_sites=2 lets each of two participants learn the other's vector", site)
         self.min_sites = min_sites
         self.store = SessionStore(Path(state_dir), ttl_s=ttl_s, ledger_ttl_s=ledger_ttl_s, clock=clock)
         self.store.purge()

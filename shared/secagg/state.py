@@ -11,7 +11,7 @@ kept in a site-owned folder::
       ledger/query-<h>         "this query was unmasked" (no secrets), kept ``ledger_ttl_s``
 
 ``<h>`` is the SHA-256 of the session id / query id. Files are created with ``O_CREAT | O_EXCL``
-and mode 0600 (never world- or group-readable, whatever the umask), written, fsynced and renamed
+and mode 0600 (never world- or group-readable, whatever the umask), written and renamed
 into place. Deleting a file does not scrub the disk: the folder belongs on an encrypted volume
 like the rest of the site's data.
 """
@@ -48,15 +48,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def create_private(path: Path, data: bytes) -> None:
-    """Create ``path`` (must not exist) with mode 0600 from the first syscall, write and fsync it."""
+def create_private(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Create ``path`` (must not exist) with mode 0600 from the first syscall, write and (``durable``) fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         os.fchmod(fd, FILE_MODE)  # the umask may only have narrowed it; make it exact
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -111,15 +112,19 @@ class SessionStore:
         return self.root / "sessions" / f"{_h(session_id)}.json"
 
     def save(self, session_id: str, state: dict[str, Any]) -> None:
-        """Write the session's state atomically (temporary 0600 file, fsync, rename)."""
+        """Write the session's state atomically (temporary 0600 file, rename).
+
+        Not fsynced: a session lost to a power cut is only a session that cannot finish (the query is
+        re-run in a fresh one); what must survive a crash, the ledger of used sessions and unmasked
+        queries, is fsynced (:meth:`claim`).
+        """
         final = self._path(session_id)
         tmp = final.with_name(f".{final.stem}.{os.urandom(6).hex()}.tmp")
         try:
-            create_private(tmp, json.dumps(state, sort_keys=True).encode())
+            create_private(tmp, json.dumps(state, sort_keys=True).encode(), durable=False)
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
 
     def load(self, session_id: str) -> dict[str, Any] | None:
         """The session's state, or ``None`` if there is none (never advertised, finished or destroyed)."""
@@ -130,7 +135,6 @@ class SessionStore:
 
     def delete(self, session_id: str) -> None:
         self._path(session_id).unlink(missing_ok=True)
-        _fsync_dir(self.root / "sessions")
 
     def expired(self, state: dict[str, Any]) -> bool:
         age = self.clock() - float(state["created"])

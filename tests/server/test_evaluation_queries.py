@@ -1,12 +1,14 @@
-"""Batched federated-statistics queries over site signature tables: federated == pooled."""
+"""The signature AUC table from site-computed queries over in-process sites: federated == pooled."""
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from server.evaluation import POOLED_TEST, queries_to_table, signature_auc_queries
-from shared.queries import local_transport, run_queries
+from server.evaluation import POOLED_TEST, cohort_queries, signature_table
 from shared.stats import auc_ci
+from simulations.sites import InProcessConsortium
 
 
 def _tables(seed: int = 0) -> dict[str, pd.DataFrame]:
@@ -20,43 +22,36 @@ def _tables(seed: int = 0) -> dict[str, pd.DataFrame]:
     return out
 
 
-def test_pooled_auc_over_sites_equals_the_auc_of_the_pooled_rows() -> None:
+def _run(tmp: Path, tables, **policy):
+    roles = dict.fromkeys(tables, "train")
+    cons = InProcessConsortium(tmp, tables, roles, [], run="r-eval", **policy)
+    cohorts = cohort_queries(["pre_t2w"], roles)
+    cons.run_stats([q for _, _, q in cohorts])
+    return signature_table(["pre_t2w"], cohorts).set_index("site"), cons
+
+
+def test_pooled_auc_over_sites_equals_the_auc_of_the_pooled_rows(tmp_path) -> None:
     tables = _tables()
-    queries = signature_auc_queries(["pre_t2w"], dict.fromkeys(tables, "train"), min_count=1)
-    run_queries(queries, local_transport(tables, min_count=1))
-    table = queries_to_table(queries).set_index("site")
+    table, _ = _run(tmp_path, tables, min_cell_count=3, release_site_figures=True)
     pooled = pd.concat(tables.values())
     ref = auc_ci(pooled["label"].to_numpy(), pooled["pre_t2w"].to_numpy())
     assert table.loc[POOLED_TEST, "auc"] == pytest.approx(ref.auc, abs=1e-9)
     assert table.loc[POOLED_TEST, "lo"] == pytest.approx(ref.lo, abs=1e-9)
     assert table.loc[POOLED_TEST, "hi"] == pytest.approx(ref.hi, abs=1e-9)
-    for s, t in tables.items():
+    for s, t in tables.items():  # each site released its own numbers (its policy allows it here)
         assert table.loc[s, "auc"] == pytest.approx(auc_ci(t["label"].to_numpy(), t["pre_t2w"].to_numpy()).auc,
                                                     abs=1e-9)
 
 
-def test_a_site_that_never_answers_is_left_out_and_named() -> None:
-    tables = _tables(1)
-    answer = local_transport(tables, min_count=1)
-
-    def lossy(payloads):
-        return {s: v for s, v in answer(payloads).items() if s != "s2"}
-
-    queries = signature_auc_queries(["pre_t2w"], dict.fromkeys(tables, "train"), min_count=1)
-    run_queries(queries, lossy)
-    table = queries_to_table(queries).set_index("site")
-    assert np.isnan(table.loc["s2", "auc"]) and "no answer from s2" in table.loc["s2", "note"]
-    assert "without s2" in table.loc[POOLED_TEST, "note"]
-    pooled = pd.concat([tables["s0"], tables["s1"]])
-    assert table.loc[POOLED_TEST, "auc"] == pytest.approx(
-        auc_ci(pooled["label"].to_numpy(), pooled["pre_t2w"].to_numpy()).auc, abs=1e-9)
+def test_per_site_numbers_are_withheld_by_default_and_say_so(tmp_path) -> None:
+    table, _ = _run(tmp_path, _tables(1), min_cell_count=3)
+    for s in ("s0", "s1", "s2"):
+        assert np.isnan(table.loc[s, "auc"]) and "release_site_figures" in table.loc[s, "note"]
+    assert np.isfinite(table.loc[POOLED_TEST, "auc"])
 
 
-def test_disclosure_control_is_reported_not_silent() -> None:
-    tables = _tables(2)
-    queries = signature_auc_queries(["pre_t2w"], dict.fromkeys(tables, "train"), min_count=30)
-    run_queries(queries, local_transport(tables, min_count=30))
-    table = queries_to_table(queries).set_index("site")
-    # Every site has fewer than 30 patients of some class: nothing may be computed, and it says so.
+def test_disclosure_control_is_reported_not_silent(tmp_path) -> None:
+    table, _ = _run(tmp_path, _tables(2), min_cell_count=30, release_site_figures=True)
+    # Every site has fewer than 30 patients of some class: it contributes nothing; nothing is released.
     assert table["auc"].isna().all()
     assert table["note"].str.len().gt(0).all()

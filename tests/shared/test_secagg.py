@@ -577,7 +577,7 @@ def test_a_bad_contribution_is_a_value_error_naming_the_array_and_the_session_st
 
 
 def test_with_two_participants_each_learns_the_others_vector(identities, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="shared.secagg"):
+    with caplog.at_level(logging.INFO, logger="shared.secagg"):
         sites = make_sites(identities, tmp_path, [A, B], min_sites=2)
     assert "min_sites=2 lets each of two participants learn the other's vector" in caplog.text
     data = data_for([A, B], seed=3)

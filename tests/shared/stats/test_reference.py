@@ -20,15 +20,12 @@ from shared.stats import (
     binary_metrics,
     calibration,
     delong_test,
-    federated_auc_ci,
-    federated_delong_test,
     logistic_regression,
     net_benefit,
     select_predictors,
     table_one,
     youden_threshold,
 )
-from shared.stats.histogram import Grid
 
 # --- pROC on aSAH -------------------------------------------------------------------------------
 # test-auc.R: auc(r.wfns) 0.823678861788618, auc(r.ndka) 0.611957994579946;
@@ -88,20 +85,26 @@ def test_identical_scores_give_z0_p1_as_proc(asah: pd.DataFrame) -> None:
     assert (r.z, r.p, r.diff) == (0.0, 1.0, 0.0)
 
 
-ASAH_GRID = Grid.from_points(np.round(np.arange(0, 500.01, 0.01), 2))  # aSAH markers have 2 decimals
+def test_site_computed_roc_reproduces_proc_on_asah(asah: pd.DataFrame) -> None:
+    """Three sites, the site-computed ROC (fine grid 1e-4): pROC's numbers.
 
+    The protocol takes probabilities in [0, 1]; the aSAH markers (2 decimals, up to 5) divided by 5
+    stay on the 1e-4 grid and keep their order, so AUC, variance and the paired test are exact.
+    """
+    from shared.stats.sc_roc import ROCSite
+    from shared.stats.sitecomputed import CohortData, run_plain
 
-def test_federated_reproduces_proc_on_asah(asah: pd.DataFrame) -> None:
-    """Three sites, histograms on a 0.01 grid (all aSAH values are on it), min_count 1: pROC's numbers."""
     parts = np.array_split(np.random.default_rng(3).permutation(len(asah)), 3)
-    sites = [(asah["y"].to_numpy()[i], asah["s100b"].to_numpy()[i]) for i in parts]
-    r = federated_auc_ci(sites, grid=ASAH_GRID, min_count=1).result
+    X = np.column_stack([asah["wfns"].to_numpy() / 5, asah["s100b"].to_numpy() / 5])
+    y = asah["y"].to_numpy()
+    sites = {f"s{j}": CohortData(y[i], X[i], ("wfns", "s100b")) for j, i in enumerate(parts)}
+    res = run_plain(ROCSite(["wfns", "s100b"]), sites, min_count=1).result
+    r = res.aucs["s100b"]
     assert r.auc == pytest.approx(PROC_AUC["s100b"], abs=1e-12)
     assert r.var == pytest.approx(PROC_VAR["s100b"], rel=1e-9)
     assert (round(r.lo, 4), round(r.hi, 4)) == PROC_CI_S100B
-    sites = [(asah["y"].to_numpy()[i], asah["wfns"].to_numpy()[i], asah["s100b"].to_numpy()[i]) for i in parts]
     z, p, lo, hi = PROC_ROCTEST[("wfns", "s100b")]
-    t = federated_delong_test(sites, grid=ASAH_GRID, min_count=1).result
+    t = res.delong("wfns", "s100b")
     assert (t.z, t.p, t.diff_lo, t.diff_hi) == pytest.approx((z, p, lo, hi), rel=1e-9)
 
 

@@ -1,4 +1,7 @@
-"""Shared fixtures for the fusion analysis and report tests: four in-process sites with planted signal."""
+"""Shared fixtures for the fusion analysis and report tests: four in-process sites with planted signal.
+
+The sites are :class:`simulations.sites.InProcessConsortium`: the real site statistics services
+(policies, secure aggregation, state on site), held in this process."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 
 from server.analysis import run_analysis
 from shared.config import parse_config
-from simulations.reference import InProcessSites
+from simulations.sites import InProcessConsortium
 
 SIGS = ["pre_t2w", "post_t2w", "pre_dwi", "post_dwi"]
 ROLES = {"site_a": "train", "site_b": "train", "site_c": "train", "ext": "external"}
@@ -48,9 +51,13 @@ def tables(seed: int = 0) -> dict[str, pd.DataFrame]:
             (("site_a", 90), ("site_b", 80), ("site_c", 70), ("ext", 60))}
 
 
-def analyse(tmp: Path, tabs: dict[str, pd.DataFrame]):
-    sites = InProcessSites(tabs, {s: tmp / "cache" / s for s in tabs}, min_count=3)
-    return run_analysis(sites.transport, sites.fusion, config(tmp), ROLES, tmp / "run"), sites
+CLINICAL = ["age", "sex_male", "post_ld", "cea", "t_stage", "crm"]
+
+
+def analyse(tmp: Path, tabs: dict[str, pd.DataFrame], **policy: object):
+    policy = {"min_cell_count": 3, "release_site_figures": True, **policy}
+    sites = InProcessConsortium(tmp, tabs, ROLES, CLINICAL, run="run-test", **policy)
+    return run_analysis(sites.run_stats, sites.fusion, config(tmp), ROLES, tmp / "run"), sites
 
 
 @pytest.fixture(scope="session")

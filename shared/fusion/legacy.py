@@ -1,4 +1,11 @@
-"""Federated RBF-kernel SVMs for the fusion models (FDL, CR, CRD), trained without moving a row.
+"""LEGACY server-driven fusion SVM protocol, kept until the pipeline uses :class:`~shared.fusion.FusionSVMSite`.
+
+Do not use it for new code: here the *server* chooses the folds' seed, ``n_folds``, ``omega`` and every
+Newton iterate, and its first CV round releases each fold's exact sums (issue 11, items 3 and 4);
+:class:`shared.fusion.protocol.FusionSVMSite` derives all of that on the sites. What follows is the
+original description.
+
+Federated RBF-kernel SVMs for the fusion models (FDL, CR, CRD), trained without moving a row.
 
 The study fuses the deep-learning signatures (and the clinical-radiological predictors) with an
 RBF-kernel SVM whose ``C`` and ``gamma`` are tuned by 5-fold cross-validation, with Platt-scaled
@@ -30,9 +37,8 @@ Disclosure. A site with ``0 < n < min_count`` patients of a class is excluded (a
 ``0 < n < min_count`` gets no contribution from that site in that round (its gradient would be
 close to one patient's features); the withholding is recorded and makes that fit approximate.
 
-:class:`FederatedSVC` wraps the protocol as a scikit-learn style estimator (rows tagged with their
-site) and :class:`PooledSVC` is the reference: scikit-learn's ``SVC`` on the pooled rows with the
-same grid, folds rule and selection criterion.
+The estimators (:class:`shared.fusion.FederatedSVC`, :class:`shared.fusion.PooledSVC`) now run the
+site-computed protocol; this module has no estimator of its own.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,21 +60,15 @@ from shared.stats.protocol import (
     Final,
     Params,
     Summary,
-    run_protocol,
     site_min_count,
 )
 
+from .model import SVMModel, rff, sigmoid
+from .protocol import DEFAULT_C, DEFAULT_GAMMA_FACTORS, LOSSES
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_C = (0.1, 1.0, 10.0)
-#: ``gamma = factor / n_features`` (scikit-learn's ``gamma="scale"`` on standardised inputs is 1 / n_features).
-DEFAULT_GAMMA_FACTORS = (0.25, 1.0, 4.0)
-LOSSES = ("squared_hinge", "huber_hinge")
 PHASE_MOMENTS, PHASE_CV, PHASE_SCORE, PHASE_FINAL = 0, 1, 2, 3
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def site_folds(y: np.ndarray, n_folds: int, seed: int, site: str | None) -> np.ndarray:
@@ -81,11 +81,6 @@ def site_folds(y: np.ndarray, n_folds: int, seed: int, site: str | None) -> np.n
         folds[idx] = (np.arange(idx.size) + offset) % n_folds
         offset = (offset + idx.size) % n_folds
     return folds
-
-
-def rff(x: np.ndarray, omega: np.ndarray, offset: np.ndarray) -> np.ndarray:
-    """Random Fourier features of standardised rows ``x`` (n, d): shape (n, D)."""
-    return np.sqrt(2.0 / offset.size) * np.cos(x @ omega + offset)
 
 
 def _triu(d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,53 +130,6 @@ class _Newton:
                 self.done = True
                 return
             self.w_try = self.w + self.t * self.d
-
-
-# --------------------------------------------------------------------------- the fitted model
-@dataclass
-class SVMModel:
-    """A fitted fusion SVM: everything a site needs to score a patient (and nothing about any patient).
-
-    ``decision_function(X) = rff((X - mean) / scale) . coef + intercept``;
-    ``predict_proba(X) = 1 / (1 + exp(platt_a * f + platt_b))`` (probability of class 1).
-    """
-
-    columns: list[str]
-    mean: np.ndarray
-    scale: np.ndarray
-    omega: np.ndarray
-    offset: np.ndarray
-    coef: np.ndarray
-    intercept: float
-    platt_a: float
-    platt_b: float
-    C: float
-    gamma: float
-    cv_auc: float = float("nan")
-    cv_table: list[dict[str, float]] = field(default_factory=list)
-
-    def decision_function(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, dtype=np.float64)
-        if X.ndim != 2 or X.shape[1] != len(self.columns):
-            raise ValueError(f"expected {len(self.columns)} columns {self.columns}, got shape {X.shape}")
-        return rff((X - self.mean) / self.scale, self.omega, self.offset) @ self.coef + self.intercept
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Probability of class 1, shape (n,)."""
-        return _sigmoid(-(self.platt_a * self.decision_function(X) + self.platt_b))
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Flat numeric arrays (what a Flower ArrayRecord carries; columns travel separately)."""
-        return {"mean": self.mean, "scale": self.scale, "omega": self.omega, "offset": self.offset,
-                "coef": self.coef, "scalars": np.array([self.intercept, self.platt_a, self.platt_b, self.C,
-                                                        self.gamma, self.cv_auc])}
-
-    @classmethod
-    def from_arrays(cls, columns: Sequence[str], arrays: Mapping[str, np.ndarray]) -> SVMModel:
-        s = np.asarray(arrays["scalars"], dtype=np.float64)
-        return cls(list(columns), *(np.asarray(arrays[k], dtype=np.float64)
-                                    for k in ("mean", "scale", "omega", "offset", "coef")),
-                   float(s[0]), float(s[1]), float(s[2]), float(s[3]), float(s[4]), float(s[5]))
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -340,7 +288,7 @@ class FusionSVMProtocol(FederatedProtocol):
             grid = Grid.probability()
             for c, g in enumerate(gam):
                 f = _oof(Z[int(g)], folds, W[c * n_f:(c + 1) * n_f])
-                b = grid.bin(np.round(_sigmoid(f), 4), "decision value", site)
+                b = grid.bin(np.round(sigmoid(f), 4), "decision value", site)
                 for cls, mask in (("pos", y == 1), ("neg", y == 0)):
                     cells, merged = Cells.from_bins(b[mask], grid.n_bins, k)
                     out.update(cells.to_summary(f"c{c}.{cls}"))
@@ -352,7 +300,7 @@ class FusionSVMProtocol(FederatedProtocol):
             t = np.where(y == 1, tp, tn)
             a, b0 = np.asarray(params["platt.ab"], dtype=np.float64)
             u = a * f + b0
-            p = _sigmoid(-u)
+            p = sigmoid(-u)
             F = np.column_stack([f, np.ones_like(f)])
             # NLL = sum t*log(1+e^u) + (1-t)*(u + log(1+e^-u))   (stable form of -t log p - (1-t) log(1-p))
             nll = float(np.sum(t * np.logaddexp(0, u) + (1 - t) * np.logaddexp(0, -u)))
@@ -458,147 +406,3 @@ def _oof(Z: np.ndarray, folds: np.ndarray, W: np.ndarray) -> np.ndarray:
     return f
 
 
-# --------------------------------------------------------------------------- estimators
-def _check_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
-    X = np.asarray(X, dtype=np.float64)
-    y = np.asarray(y)
-    if X.ndim != 2 or y.shape != (X.shape[0],):
-        raise ValueError(f"X must be (n, d) and y (n,), got {X.shape} and {y.shape}")
-    if set(np.unique(y)) - {0, 1}:
-        raise ValueError("y must hold 0/1 labels")
-    return X, y.astype(np.int64)
-
-
-class FederatedSVC:
-    """scikit-learn style estimator over :class:`FusionSVMProtocol` (rows tagged by site).
-
-    ``fit(X, y, sites=site_of_each_row)`` runs the protocol exactly as the messages would flow
-    (:func:`shared.stats.run_protocol`), each site seeing only its own rows. Fitted attributes:
-    ``model_``, ``C_``, ``gamma_``, ``cv_auc_``, ``cv_results_``, ``n_rounds_``, ``bytes_sent_``,
-    ``withheld_``, ``classes_``.
-    """
-
-    def __init__(self, C_grid: Sequence[float] = DEFAULT_C, gamma_factors: Sequence[float] = DEFAULT_GAMMA_FACTORS,
-                 n_components: int = 64, n_folds: int = 5, seed: int = 0, min_count: int = 1,
-                 loss: str = "squared_hinge", huber_h: float = 0.5) -> None:
-        self.C_grid, self.gamma_factors = C_grid, gamma_factors
-        self.n_components, self.n_folds, self.seed, self.min_count = n_components, n_folds, seed, min_count
-        self.loss, self.huber_h = loss, huber_h
-
-    def protocol(self, n_features: int) -> FusionSVMProtocol:
-        return FusionSVMProtocol(n_features, self.C_grid, self.gamma_factors, self.n_components, self.n_folds,
-                                 self.seed, loss=self.loss, huber_h=self.huber_h, min_count=self.min_count)
-
-    def fit(self, X: Any, y: Any, sites: Any = None) -> FederatedSVC:
-        X, y = _check_xy(X, y)
-        sites = np.zeros(len(y), dtype=int) if sites is None else np.asarray(sites)
-        data = {str(s): (y[sites == s], *X[sites == s].T) for s in dict.fromkeys(sites.tolist())}
-        res = run_protocol(self.protocol(X.shape[1]), data)
-        return self._set(res.result, res.n_rounds, dict(res.bytes_sent), int(res.bound.get("withheld_contributions", 0)))
-
-    def _set(self, model: SVMModel, n_rounds: int, bytes_sent: dict[str, int], withheld: int) -> FederatedSVC:
-        self.model_ = model
-        self.C_, self.gamma_, self.cv_auc_ = model.C, model.gamma, model.cv_auc
-        self.cv_results_ = model.cv_table
-        self.n_rounds_, self.bytes_sent_, self.withheld_ = n_rounds, bytes_sent, withheld
-        self.classes_ = np.array([0, 1])
-        return self
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        return self.model_.decision_function(X)
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        p = self.model_.predict_proba(X)
-        return np.column_stack([1 - p, p])
-
-    def predict(self, X: Any) -> np.ndarray:
-        return (self.model_.predict_proba(X) >= 0.5).astype(np.int64)
-
-
-class PooledSVC:
-    """Reference: scikit-learn's RBF ``SVC`` with Platt scaling on the pooled rows.
-
-    Same inputs scaling (pooled standardisation), same ``(C, gamma)`` grid, 5-fold stratified CV
-    scored by the AUC of the out-of-fold decision values, first best candidate in grid order.
-    """
-
-    def __init__(self, C_grid: Sequence[float] = DEFAULT_C, gamma_factors: Sequence[float] = DEFAULT_GAMMA_FACTORS,
-                 n_folds: int = 5, seed: int = 0) -> None:
-        self.C_grid, self.gamma_factors, self.n_folds, self.seed = C_grid, gamma_factors, n_folds, seed
-
-    def fit(self, X: Any, y: Any) -> PooledSVC:
-        from sklearn.calibration import CalibratedClassifierCV
-        from sklearn.metrics import roc_auc_score
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
-        from sklearn.preprocessing import StandardScaler
-        from sklearn.svm import SVC
-
-        X, y = _check_xy(X, y)
-        self.scaler_ = StandardScaler().fit(X)
-        Xs = self.scaler_.transform(X)
-        cv = StratifiedKFold(self.n_folds, shuffle=True, random_state=self.seed)
-        self.cv_results_ = []
-        for C in self.C_grid:
-            for fac in self.gamma_factors:
-                gamma = float(fac) / X.shape[1]
-                f = cross_val_predict(SVC(C=C, gamma=gamma), Xs, y, cv=cv, method="decision_function")
-                self.cv_results_.append({"C": float(C), "gamma": gamma, "cv_auc": float(roc_auc_score(y, f))})
-        best = max(range(len(self.cv_results_)), key=lambda i: (round(self.cv_results_[i]["cv_auc"], 12), -i))
-        self.C_, self.gamma_ = self.cv_results_[best]["C"], self.cv_results_[best]["gamma"]
-        self.cv_auc_ = self.cv_results_[best]["cv_auc"]
-        # Platt scaling on out-of-fold decision values, then one SVC on all rows (libsvm's probability=True)
-        self.svc_ = CalibratedClassifierCV(SVC(C=self.C_, gamma=self.gamma_), method="sigmoid", cv=cv,
-                                           ensemble=False).fit(Xs, y)
-        self.classes_ = self.svc_.classes_
-        return self
-
-    def decision_function(self, X: Any) -> np.ndarray:
-        est = self.svc_.calibrated_classifiers_[0].estimator
-        return est.decision_function(self.scaler_.transform(np.asarray(X, dtype=np.float64)))
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        return self.svc_.predict_proba(self.scaler_.transform(np.asarray(X, dtype=np.float64)))
-
-    def predict(self, X: Any) -> np.ndarray:
-        return self.svc_.predict(self.scaler_.transform(np.asarray(X, dtype=np.float64)))
-
-
-def shapley_values(model: SVMModel, X: np.ndarray, baseline: np.ndarray) -> np.ndarray:
-    """Exact Shapley values of ``predict_proba`` against one baseline row (interventional SHAP).
-
-    For d <= 12 inputs every coalition is evaluated (2^d model calls per row). The values of each
-    row sum to ``p(x) - p(baseline)``. Returns shape (n, d).
-    """
-    X = np.asarray(X, dtype=np.float64)
-    n, d = X.shape
-    if d > 12:
-        raise ValueError(f"exact Shapley values need <= 12 inputs, got {d}")
-    from math import factorial
-
-    masks = np.array([[(m >> j) & 1 for j in range(d)] for m in range(1 << d)], dtype=bool)  # (2^d, d)
-    sizes = masks.sum(axis=1)
-    # every (row, coalition) evaluated once: inputs from x where the mask is set, else the baseline
-    comb = np.where(masks[None, :, :], X[:, None, :], baseline[None, None, :]).reshape(-1, d)
-    v = model.predict_proba(comb).reshape(n, 1 << d)
-    phi = np.zeros((n, d))
-    weight = np.array([factorial(s) * factorial(d - s - 1) / factorial(d) for s in range(d)])
-    for j in range(d):
-        without = np.flatnonzero(~masks[:, j])
-        with_j = without | (1 << j)
-        phi[:, j] = (v[:, with_j] - v[:, without]) @ weight[sizes[without]]
-    return phi
-
-
-def models_to_payload(models: Mapping[str, SVMModel]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-    """``({"<model>|<array>": ndarray}, {model: columns})``: what the server sends to score patients."""
-    arrays = {f"{name}|{k}": v for name, m in models.items() for k, v in m.to_arrays().items()}
-    return arrays, {name: list(m.columns) for name, m in models.items()}
-
-
-def models_from_payload(arrays: Mapping[str, np.ndarray], columns: Mapping[str, Sequence[str]]) -> dict[str, SVMModel]:
-    """Inverse of :func:`models_to_payload`."""
-    out = {}
-    for name, cols in columns.items():
-        part = {k.split("|", 1)[1]: v for k, v in arrays.items() if k.split("|", 1)[0] == name}
-        out[name] = SVMModel.from_arrays(cols, part)
-    return out
