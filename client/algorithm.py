@@ -80,10 +80,18 @@ class SiteAlgorithm(SiteTables):
 
     @cached_property
     def labels(self) -> pd.Series:
+        """Outcome per patient, without the patients the exclusion rule removed (``<cache>/exclusions.csv``):
+        they take part in no split, no training, no signature and no statistic."""
+        from client.preprocess import excluded_patients
         from shared.cohort import load_patients
 
         df = load_patients(self.site_dir, self.cfg)
-        return df.set_index(df["patient_id"].astype(str))["response"]
+        labels = df.set_index(df["patient_id"].astype(str))["response"]
+        out = excluded_patients(self.cache_dir)
+        if out:
+            logger.info("site %s: %d patient(s) excluded by the exclusion rule (see %s)", self.site,
+                        len(out & set(labels.index)), self.cache_dir / "exclusions.csv")
+        return labels[~labels.index.isin(out)]
 
     @cached_property
     def splits(self) -> pd.Series:
@@ -94,6 +102,8 @@ class SiteAlgorithm(SiteTables):
         manifest = self.cache_dir / "manifest.csv"
         if not manifest.is_file():
             self.ensure_cache()
+            self.__dict__.pop("labels", None)  # the exclusions were (re)decided with the cache
+            self.__dict__.pop("splits", None)
         return load_slice_sets(self.cache_dir, self.labels, self.splits, self.keys)
 
     def describe(self) -> dict[str, int]:

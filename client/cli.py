@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import typer
 from rich.table import Table
 
 from shared.cli import ConfigOpt, JsonOpt, WorkersOpt, console, fail, load, out, progress_bar
+from shared.interrupt import Interrupted
 
 site_app = typer.Typer(help="Hospital side: check and preprocess a site's data (nothing leaves the site).",
                        no_args_is_help=True)
@@ -76,6 +78,13 @@ def print_report(report: Any, *, show_all: bool = False, limit: int = 15) -> Non
         f"{report.site_dir}: {report.n_patients} patients, {report.n_usable_patients} usable, "
         f"{report.volumes_checked} volumes checked -> {verdict}"
     )
+    if report.exclusions:
+        vols = {v for v in report.excluded_volumes if v[0] not in report.excluded_patients}
+        out.print(f"exclusion rule [bold]{report.rule}[/] (check.exclusion): {len(report.excluded_patients)} "
+                  f"patient(s) excluded entirely ({', '.join(sorted(report.excluded_patients)[:10])}"
+                  f"{', ...' if len(report.excluded_patients) > 10 else ''})"
+                  + (f", {len(vols)} more volume(s) on their own" if vols else "")
+                  + "; preprocessing and training leave out the same (see docs/site.md)", highlight=False)
 
 
 @site_app.command("preprocess")
@@ -93,16 +102,30 @@ def site_preprocess(
 
     cfg = load(config)
     t0 = time.perf_counter()
-    with progress_bar(f"preprocessing {site_dir.name}", not as_json) as cb:
-        try:
-            manifest = preprocess_site(site_dir, out_dir, cfg, workers=workers, progress=cb, force=force)
-        except CohortError as exc:
-            fail(str(exc))
+    done = {"n": 0, "total": 0}
+    try:
+        with progress_bar(f"preprocessing {site_dir.name}", not as_json) as cb:
+            def progress(n: int, total: int, label: str) -> None:
+                done.update(n=n, total=total)
+                cb(n, total, label)
+            try:
+                manifest = preprocess_site(site_dir, out_dir, cfg, workers=workers, progress=progress, force=force)
+            except CohortError as exc:
+                fail(str(exc))
+    except KeyboardInterrupt as exc:
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        console.print(f"[yellow]interrupted[/] by {name}: {done['n']} of {done['total'] or '?'} volumes are finished "
+                      f"and kept in {out_dir} (no manifest.csv until the site is complete)", highlight=False)
+        console.print(f"continue with: [bold]{shlex.join(['rectalfl', *sys.argv[1:]])}[/]", highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(143 if name == "SIGTERM" else 130) from None
     seconds = time.perf_counter() - t0
     counts = manifest["status"].value_counts().to_dict()
     if as_json:
+        from client.preprocess import exclusion_summary
+
         out.print_json(json.dumps({"cache_dir": str(out_dir), "volumes": len(manifest), "status": counts,
-                                   "seconds": round(seconds, 2),
+                                   "seconds": round(seconds, 2), "exclusions": exclusion_summary(out_dir),
                                    "errors": manifest.loc[manifest["status"] == "error", ["patient_id", "timepoint",
                                                                                         "sequence", "error"]]
                                    .to_dict(orient="records")}, default=str))
@@ -112,21 +135,27 @@ def site_preprocess(
 
 
 def print_manifest_summary(manifest: Any, out_dir: Path, seconds: float) -> None:
+    statuses = ("ok", "no_mask", "error", "excluded")
     table = Table(title=f"preprocessed volumes in {out_dir} ({seconds:.1f} s)")
     table.add_column("timepoint")
     table.add_column("sequence")
-    for status in ("ok", "no_mask", "error"):
+    for status in statuses:
         table.add_column(status, justify="right")
     for (tp, seq), g in manifest.groupby(["timepoint", "sequence"], sort=True):
         vc = g["status"].value_counts()
-        table.add_row(str(tp), str(seq), *(str(int(vc.get(s, 0))) for s in ("ok", "no_mask", "error")))
+        table.add_row(str(tp), str(seq), *(str(int(vc.get(s, 0))) for s in statuses))
     out.print(table)
     bad = manifest[manifest["status"] == "error"]
     for _, row in bad.head(20).iterrows():
         out.print(f"[red]error[/] {row['patient_id']} {row['timepoint']}/{row['sequence']}: {row['error']}")
     if len(bad) > 20:
         out.print(f"... and {len(bad) - 20} more errors: see {out_dir / 'manifest.csv'}")
-
+    excl = manifest[manifest["status"] == "excluded"]
+    if len(excl):
+        by = excl.groupby("excluded_by")["patient_id"].nunique() if "excluded_by" in excl else {}
+        out.print(f"[yellow]excluded[/] {len(excl)} volume(s) of {excl['patient_id'].nunique()} patient(s) by the "
+                  "exclusion rule: " + "; ".join(f"{k} ({v} patient(s))" for k, v in list(by.items())[:8])
+                  + f"; every decision in {out_dir / 'exclusions.csv'}", highlight=False)
 
 
 @site_app.command("join")

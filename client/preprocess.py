@@ -20,6 +20,22 @@ The cache (:func:`preprocess_site`)
     one row per volume (:data:`MANIFEST_COLUMNS`), rebuilt from the per-volume files at the end of
     each run and written atomically. It is removed at the start of a run that has work to do, so
     its presence means the cache is complete for the current data and configuration.
+``CACHE_DIR/exclusions.csv``
+    every exclusion decision (:data:`shared.cohort.EXCLUSION_COLUMNS`): which patient or volume, by
+    which rule (``check.exclusion``), for which issue or preprocessing failure.
+``CACHE_DIR/check.json``
+    the site check this cache was built under (:func:`site_check`), reused while the site's files
+    and the ``data``/``check`` settings are unchanged.
+
+The exclusion rule
+------------------
+Preprocessing applies the site check's decisions (:func:`shared.cohort.decide_exclusions`): a
+volume the check removes is not computed and its row says ``status = excluded`` and
+``excluded_by = check:<code>``. Its own failures (``error``, ``no_mask``) follow the same rule: with
+``check.exclusion: patient`` (default) the patient's other volumes become ``excluded``
+(``excluded_by = patient rule: <timepoint>/<sequence> <status>``). Training reads only ``ok``
+volumes and leaves patient-level exclusions out altogether, so the check, preprocessing and
+training never disagree (``docs/site.md``, "The exclusion rule").
 
 Every per-volume file is written atomically (temporary file + ``os.replace``) as soon as the
 volume finishes, so an interrupted run loses only the volumes in flight. A re-run reuses a volume's
@@ -98,11 +114,19 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "seconds",
     "source",
     "fingerprint",
+    "excluded_by",
 )
-"""Columns of ``manifest.csv``. ``status`` is ok | error | no_mask; ``mask_source`` own | <sequence> |
-none; ``error`` is empty when ok; ``path`` is the npz path relative to the cache folder (empty when
-not ok); ``slice_index`` is -1 and ``tumour_area_px`` 0 when not ok; ``seconds`` is the compute time
-of the run that produced the result; ``source`` the image path relative to the site folder."""
+"""Columns of ``manifest.csv``. ``status`` is ok | error | no_mask | excluded; ``mask_source`` own |
+<sequence> | none; ``error`` is empty when ok (for ``excluded``: why); ``path`` is the npz path relative
+to the cache folder (empty when not ok); ``slice_index`` is -1 and ``tumour_area_px`` 0 when not ok;
+``seconds`` is the compute time of the run that produced the result; ``source`` the image path
+relative to the site folder; ``excluded_by`` which rule removed the volume (``check:<code>`` or
+``patient rule: <timepoint>/<sequence> <status>``), empty otherwise."""
+
+EXCLUSIONS_FILE = "exclusions.csv"
+CHECK_FILE = "check.json"
+CHECK_VERSION = 2
+"""Bumped when the site check finds different issues for the same files (part of :func:`site_fingerprint`)."""
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -337,6 +361,7 @@ def _row(record: VolumeRecord, site_dir: Path, **kw: Any) -> dict[str, Any]:
         "seconds": 0.0,
         "source": _rel(record.image_path, site_dir),
         "fingerprint": "",
+        "excluded_by": "",
     }
     row.update(kw)
     return row
@@ -425,7 +450,116 @@ def _cached_row(record: VolumeRecord, site_dir: Path, cache_dir: Path, fingerpri
 
 
 def _init_worker(threads: int) -> None:
+    from shared.interrupt import ignore_in_worker
+
+    ignore_in_worker()  # Ctrl-C is the parent's to handle: it lets the volumes in flight finish and stops
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(threads)))
+
+
+# --------------------------------------------------------------------------- the site check and exclusions
+
+
+def site_fingerprint(site_dir: Path | str, cfg: RectalFLConfig) -> str:
+    """Hash of what the site check depends on: every file of the site (path, size, modification time),
+    the ``data`` and ``check`` settings (less ``check.exclusion``, applied afterwards) and :data:`CHECK_VERSION`."""
+    site_dir = Path(site_dir)
+    items: list[Any] = [_stat_entry(site_dir / "patients.csv", site_dir)]
+    for root in ("images", "masks", "masks_rater2"):
+        base = site_dir / root
+        if base.is_dir():
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    items.append(_stat_entry(Path(dirpath) / name, site_dir))
+    check = cfg.check.model_dump(mode="json")
+    check.pop("exclusion", None)
+    blob = json.dumps({"version": CHECK_VERSION, "files": items, "data": cfg.data.model_dump(mode="json"),
+                       "check": check}, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def site_check(site_dir: Path | str, cache_dir: Path | str, cfg: RectalFLConfig, *,
+               progress: ProgressFn | None = None) -> Any:
+    """The site check (:func:`shared.cohort.check_site`, pixels read) behind this cache, reused from
+    ``cache_dir/check.json`` while :func:`site_fingerprint` is unchanged; decisions follow ``cfg.check.exclusion``."""
+    from shared.cohort import CheckReport, check_site, decide_exclusions
+
+    site_dir, cache_dir = Path(site_dir), Path(cache_dir)
+    fp = site_fingerprint(site_dir, cfg)
+    path = cache_dir / CHECK_FILE
+    report = None
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("fingerprint") == fp:
+                report = CheckReport.from_dict(saved["report"])
+        except (OSError, ValueError, KeyError, TypeError):
+            report = None
+    if report is None:
+        logger.info("checking %s (the exclusion rule needs the site check)", site_dir)
+        report = check_site(site_dir, cfg, progress=progress)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"fingerprint": fp, "report": report.to_dict()}
+        _atomic_write(path, lambda fh: fh.write(json.dumps(payload, default=str)), mode="w")
+    if report.rule != cfg.check.exclusion:
+        report.rule = cfg.check.exclusion
+        report.exclusions = decide_exclusions(report.issues, cfg.check.exclusion)
+    return report
+
+
+def load_exclusions(cache_dir: Path | str) -> pd.DataFrame:
+    """``cache_dir/exclusions.csv`` (empty when the cache has none, e.g. built before the exclusion rule)."""
+    from shared.cohort import EXCLUSION_COLUMNS
+
+    path = Path(cache_dir) / EXCLUSIONS_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=list(EXCLUSION_COLUMNS))
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+
+
+def excluded_patients(cache_dir: Path | str) -> set[str]:
+    """Patients the exclusion rule removed entirely (training leaves them out of every volume and split)."""
+    df = load_exclusions(cache_dir)
+    return set(df.loc[df["scope"] == "patient", "patient_id"].astype(str))
+
+
+def exclusion_summary(cache_dir: Path | str) -> dict[str, Any] | None:
+    """Counts only (no patient id): patients and volumes excluded, by code, and the rule; None without a record."""
+    path = Path(cache_dir) / EXCLUSIONS_FILE
+    if not path.is_file():
+        return None
+    df = load_exclusions(cache_dir)
+    pats = df[df["scope"] == "patient"]
+    vols = df[df["scope"] == "volume"]
+    vols = vols[~vols["patient_id"].isin(set(pats["patient_id"]))]
+    by_code = df.drop_duplicates(["patient_id", "timepoint", "sequence", "code"])["code"].value_counts()
+    rule = str(df["rule"].iloc[0]) if len(df) else ""
+    return {"rule": rule, "patients": int(pats["patient_id"].nunique()),
+            "volumes": int(vols[["patient_id", "timepoint", "sequence"]].drop_duplicates().shape[0]),
+            "by_code": {str(k): int(v) for k, v in by_code.items()}}
+
+
+def _apply_rule(rows: dict[int, dict[str, Any]], report: Any, rule: str) -> list[dict[str, Any]]:
+    """Preprocessing's own failures follow the rule too; returns every exclusion (check + preprocessing)."""
+    from shared.cohort import Exclusion
+
+    out = [e.to_dict() for e in report.exclusions]
+    failed: dict[str, str] = {}
+    for row in rows.values():
+        if row["status"] in ("error", "no_mask"):
+            pid, where = row["patient_id"], f"{row['timepoint']}/{row['sequence']} {row['status']}"
+            failed.setdefault(pid, where)
+            scope = "patient" if rule == "patient" else "volume"
+            out.append(Exclusion(pid, None if scope == "patient" else row["timepoint"],
+                                 None if scope == "patient" else row["sequence"], scope, rule,
+                                 f"preprocess_{row['status']}", row["source"], row["error"]).to_dict())
+    if rule == "patient":
+        for row in rows.values():
+            if row["status"] == "ok" and row["patient_id"] in failed:
+                row.update(status="excluded", excluded_by=f"patient rule: {failed[row['patient_id']]}",
+                           error=f"the patient is excluded: {failed[row['patient_id']]}", path="",
+                           slice_index=-1, tumour_area_px=0)
+    return out
 
 
 def _available_cpus() -> int:
@@ -449,6 +583,7 @@ def preprocess_site(
     force: bool = False,
     min_overlap: float = 0.5,
     direction_tolerance: float = 0.05,
+    check: Any = None,
 ) -> pd.DataFrame:
     """Preprocess every volume of a site into its (resumable) cache and return the manifest.
 
@@ -469,6 +604,10 @@ def preprocess_site(
         Recompute every volume even when its cached result is current.
     min_overlap, direction_tolerance : float
         Geometry check for fallback masks (:func:`check_mask_geometry`).
+    check : shared.cohort.CheckReport, optional
+        The site check of these files (e.g. just printed by the caller); by default
+        :func:`site_check` (reused from the cache when the site is unchanged). Its exclusions are
+        applied (module docstring, "The exclusion rule").
 
     Returns
     -------
@@ -484,6 +623,15 @@ def preprocess_site(
 
     site_dir, cache_dir = Path(site_dir), Path(cache_dir)
     n_workers = max(1, int(workers if workers is not None else cfg.preprocess.workers))
+    report = check if check is not None else site_check(site_dir, cache_dir, cfg)
+    rule = cfg.check.exclusion
+    if report.rule != rule:
+        from shared.cohort import decide_exclusions
+
+        report.rule, report.exclusions = rule, decide_exclusions(report.issues, rule)
+    out_patients = {e.patient_id: e for e in reversed(report.exclusions) if e.scope == "patient"}
+    out_volumes = {(e.patient_id, e.timepoint, e.sequence): e for e in reversed(report.exclusions)
+                   if e.scope == "volume"}
     records = list(iter_volumes(site_dir, cfg))
     options = {"min_overlap": float(min_overlap), "direction_tolerance": float(direction_tolerance)}
     fp = config_fingerprint(cfg, **options)
@@ -494,6 +642,11 @@ def preprocess_site(
     cache_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = cache_dir / "manifest.csv"
     for i, rec in enumerate(records):
+        hit = out_patients.get(rec.patient_id) or out_volumes.get((rec.patient_id, rec.timepoint, rec.sequence))
+        if hit is not None:
+            rows[i] = _row(rec, site_dir, status="excluded", error=hit.reason, excluded_by=f"check:{hit.code}",
+                           fingerprint=fp)
+            continue
         sig = input_signature(rec, mask_candidates(rec, cfg, site_dir), site_dir)
         row = None if force else _cached_row(rec, site_dir, cache_dir, fp, sig)
         if row is None:
@@ -518,11 +671,14 @@ def preprocess_site(
     elif todo:
         n = min(n_workers, len(todo))
         threads = max(1, _available_cpus() // n)
-        ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,))
-        try:
+        from shared.interrupt import sigint_held_from_children
+
+        with sigint_held_from_children():  # a Ctrl-C is the parent's, even while a worker starts
+            ex = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_init_worker, initargs=(threads,))
             futures = {ex.submit(_process_one, rec, cfg, site_dir, cache_dir, fp, sig, options): (i, rec)
                        for i, rec, sig in todo}
+        try:
             for fut in as_completed(futures):
                 i, rec = futures[fut]
                 try:
@@ -538,6 +694,10 @@ def preprocess_site(
             raise
         ex.shutdown(wait=True)
 
+    from shared.cohort import EXCLUSION_COLUMNS
+
+    excl = pd.DataFrame(_apply_rule(rows, report, rule), columns=list(EXCLUSION_COLUMNS))
+    _atomic_write(cache_dir / EXCLUSIONS_FILE, lambda fh: excl.to_csv(fh, index=False), mode="w")
     manifest = pd.DataFrame([rows[i] for i in range(total)], columns=list(MANIFEST_COLUMNS))
     manifest = manifest.astype({"slice_index": "int64", "tumour_area_px": "int64", "seconds": "float64"})
     _atomic_write(manifest_path, lambda fh: manifest.to_csv(fh, index=False), mode="w")
@@ -553,8 +713,10 @@ def load_manifest(cache_dir: Path | str) -> pd.DataFrame:
         raise FileNotFoundError(f"no preprocessing manifest at {path}: run `rectalfl site preprocess` "
                                 "(an interrupted run leaves none until it is completed)")
     text_cols = ["patient_id", "timepoint", "sequence", "status", "mask_source", "error", "path", "source",
-                 "fingerprint"]
+                 "fingerprint", "excluded_by"]
     df = pd.read_csv(path, dtype=dict.fromkeys(text_cols, str), keep_default_na=False, na_values=[])
+    if "excluded_by" not in df:  # a manifest written before the exclusion rule
+        df["excluded_by"] = ""
     for c in ("slice_index", "tumour_area_px"):
         if c in df:
             df[c] = pd.to_numeric(df[c], errors="coerce").fillna(-1).astype("int64")

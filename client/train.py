@@ -130,12 +130,14 @@ class SliceSet:
 def load_slice_sets(cache_dir: Path, labels: pd.Series, splits: pd.Series, keys: list[str]) -> dict[str, SliceSet]:
     """Read the preprocessed slices of every backbone from a site's cache.
 
-    Volumes whose manifest status is not ``ok`` and patients without a label are left out here
-    (the manifest and the site check already record why); the counts are logged.
+    Volumes whose manifest status is not ``ok`` (``excluded`` included), patients the exclusion rule
+    removed (``exclusions.csv``) and patients without a label are left out here (the manifest and
+    the site check already record why); the counts are logged.
     """
-    from client.preprocess import load_manifest, load_slice
+    from client.preprocess import excluded_patients, load_manifest, load_slice
 
     manifest = load_manifest(cache_dir)
+    manifest = manifest[~manifest["patient_id"].astype(str).isin(excluded_patients(cache_dir))]
     sets: dict[str, SliceSet] = {}
     for key in keys:
         tp, seq = key.split("_", 1)

@@ -12,16 +12,28 @@ operator runs ``server/``.
 
 from __future__ import annotations
 
-import sys
-from typing import Annotated
+import os
 
-import typer
+# Before anything imports Flower (it reads these when imported): no telemetry, no update checks, no
+# runtime installs, in this process and every process it starts (Ray workers, flwr, SuperLink, SuperNode).
+for _key, _value in (("FLWR_TELEMETRY_ENABLED", "0"), ("FLWR_DISABLE_UPDATE_CHECK", "1"),
+                     ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")):
+    os.environ[_key] = _value
 
-from client.cli import site_app
-from server.cli import certs_app, report, run_command, server_app
-from server.dashboard.cli import dashboard
-from shared.cli import config_app, console, setup_logging
-from simulations.cli import demo, simulate, synth
+import logging  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from client.cli import site_app  # noqa: E402
+from server.cli import certs_app, report, run_command, server_app  # noqa: E402
+from server.dashboard.cli import dashboard  # noqa: E402
+from shared.cli import config_app, console, setup_logging  # noqa: E402
+from shared.interrupt import Interrupted, raise_on_signals  # noqa: E402
+from simulations.cli import demo, simulate, synth  # noqa: E402
 
 app = typer.Typer(
     name="rectalfl",
@@ -50,9 +62,38 @@ app.command("dashboard")(dashboard)
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    SIGINT (Ctrl-C) and SIGTERM raise :class:`shared.interrupt.Interrupted`; each long command
+    catches it where it knows what was done and how to continue, and this is the net for the rest.
+    The exit code is 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    raise_on_signals()
+    code: int | str | None = 0
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished work is kept; re-run the same command to resume")
-        sys.exit(130)
+    except SystemExit as exc:
+        code = exc.code
+    except KeyboardInterrupt as exc:
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        again = shlex.join(["rectalfl", *sys.argv[1:]])
+        console.print(f"[yellow]interrupted[/] by {name}: finished work is kept", highlight=False)
+        console.print(f"continue with: {again}", highlight=False, soft_wrap=True)
+        code = 143 if name == "SIGTERM" else 130
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Exit. After an interruption (130, 143), or with threads a library left behind, at once: the
+    run record and the message are written, and the interpreter's own shutdown (joining library
+    threads, closing Ray's connections) would add seconds or hang."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not others and code not in (130, 143):
+        sys.exit(code)
+    if isinstance(code, str):
+        console.print(code)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))

@@ -263,11 +263,14 @@ def report(
     """(Re)build a run's report: figures/*.png and a self-contained report.html from its tables."""
     from server.report import ReportError, build_report
 
+    warnings: list[str] = []
     try:
         with console.status("rendering figures and report.html"):
-            path = build_report(run_dir)
+            path = build_report(run_dir, warn=warnings.append)
     except ReportError as exc:
         fail(str(exc))
+    for line in warnings:
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
     out.print(f"report: {path}  (tables in {run_dir / 'tables'}, figures in {run_dir / 'figures'})")
     if open_:
         import webbrowser

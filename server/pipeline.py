@@ -97,6 +97,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
 
     run_dir = Path(run_dir).resolve()
     cfg = prepare_run_dir(cfg, run_dir, resume=resume)
+    announce(f"run directory: {run_dir}{' (resumed)' if resume else ''}")
     store = RunStore.open_run_dir(run_dir)
     known = store.runs()
     # A run keeps its id when its directory is moved or renamed.
@@ -132,16 +133,51 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
             run_fusion_analysis(orch, cfg, run_dir, store, run_id,
                                 reference=reference(cfg, orch.roles()) if reference is not None else None)
         store.finish_run(run_id, "completed")
+        announce(f"run completed; run directory: {run_dir}")
         return table
-    except KeyboardInterrupt:
-        store.finish_run(run_id, "interrupted", error="interrupted by the operator")
+    except KeyboardInterrupt as exc:
+        mark_interrupted(store, run_id, run_dir, exc)
         raise
     except Exception as exc:
         store.event(run_id, "run_failed", f"{type(exc).__name__}: {exc}", level="error")
         store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        announce(f"run failed ({type(exc).__name__}: {exc}); the run record keeps what finished; run directory: "
+                 f"{run_dir}")
         raise
     finally:
         store.close()
+
+
+def announce(message: str) -> None:
+    """Tell the operator where the run is: through Flower's log when nothing else is set up (under
+    ``flwr run`` the ServerApp's only visible output), else through this module's logger."""
+    if logging.getLogger().handlers:
+        logger.info(message)
+    else:
+        logging.getLogger("flwr").info("rectalfl: %s", message)
+
+
+def mark_interrupted(store: Any, run_id: str, run_dir: Path, exc: BaseException) -> None:
+    """Record that SIGINT/SIGTERM stopped the run: an ``interrupted`` event naming the stage it stopped
+    (whose row holds ``error: "Interrupted: ..."``), and the run's status ``interrupted``.
+
+    Never raises: a failure to record is logged and the interruption goes on.
+    """
+    name = getattr(exc, "signal_name", "SIGINT")
+    try:
+        stages = store.stages(run_id)
+        stopped = None
+        if len(stages):
+            hit = stages[stages["detail"].map(lambda d: isinstance(d, dict) and "Interrupt" in str(d.get("error", "")))]
+            stopped = str(hit["name"].iloc[-1]) if len(hit) else None
+        done = [str(n) for n in stages.loc[stages["status"] == "completed", "name"]] if len(stages) else []
+        where = f"during stage {stopped}" if stopped else "between stages"
+        store.event(run_id, "interrupted", f"interrupted by {name} {where}; continue with --resume {run_dir}",
+                    level="warning", detail={"signal": name, "stage": stopped, "completed_stages": done})
+        store.finish_run(run_id, "interrupted", error=f"interrupted by {name} {where}")
+    except Exception:  # noqa: BLE001 - never mask the interruption
+        logger.exception("could not record the interruption in %s", run_dir)
+    announce(f"run interrupted by {name}; the run record keeps what finished; run directory: {run_dir}")
 
 
 def stats_runner(orch: Any) -> Any:

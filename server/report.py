@@ -9,19 +9,24 @@ the run directory:
   models, SHAP, suppressions, signature AUCs), ``report_data/curves.json`` (ROC, calibration and
   decision curves, signature histograms), ``config.yaml``, ``models/final.json`` and ``run.db``.
 
-A missing optional input gives a short "not available: <why>" line in the report, never an
-exception. Only aggregate numbers are ever here: every figure is drawn from pooled histograms,
+A missing or unreadable optional input gives a short "not available: <why>" line in the report
+and a warning (``rectalfl report`` prints each one); a malformed or truncated input (ragged rows,
+a row cut short, no line end at the end of the file, not UTF-8, invalid JSON, a needed column
+absent) stops with :class:`ReportError` naming the file, since rendering it would show wrong numbers. Only aggregate numbers are ever here: every figure is drawn from pooled histograms,
 counts and sums, never from a patient row. Cohort and model names come from the data.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from string import Template
@@ -48,33 +53,101 @@ MAKER = "the analysis stage of a run (`rectalfl simulate`, or `rectalfl run` on 
 
 
 class ReportError(RuntimeError):
-    """The run directory lacks what the report needs; the message says which file and what makes it."""
+    """The run directory lacks what the report needs, or one of its files is malformed or truncated; the
+    message names the file and what makes it."""
+
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "table1_baseline": ("cohort", "variable"),
+    "table2_odds_ratios": ("predictor",),
+    "table3_performance": ("model", "cohort", "auc"),
+    "delong": ("cohort", "model_a", "model_b"),
+    "calibration": ("model", "cohort"),
+    "per_site": ("model", "site"),
+    "fusion_models": ("model",),
+    "shap_importance": ("model", "feature"),
+    "suppressions": ("quantity",),
+    "signature_auc": ("backbone", "site", "auc"),
+}
+"""Columns each table must have (the report reads them); a table without them is malformed."""
+
+
+def check_csv(path: Path, rel: str, required: tuple[str, ...] = ()) -> str | None:
+    """Check that ``path`` is a complete, well-formed CSV table.
+
+    Returns
+    -------
+    str or None
+        Why it cannot be read at all (missing, not a file, no permission, 0 bytes): the report
+        goes on without it. None when it is fine.
+
+    Raises
+    ------
+    ReportError
+        The file is malformed (not UTF-8 text, rows with another number of fields than the header,
+        a column the report needs is absent) or truncated (cut mid-row: the last line has no line
+        end, or fewer fields). Naming the file, the line and what to do.
+    """
+    if not path.exists():
+        return f"{rel} not found (written by {MAKER})"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return f"{rel} cannot be read ({exc.strerror or exc})"
+    if not raw.strip():
+        return f"{rel} is empty ({'0 bytes' if not raw else 'no header, no rows'})"
+    redo = f"re-run {MAKER} (or `--resume` it) to write it again"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{path}: malformed: not a UTF-8 text table (byte {exc.start}); {redo}") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    header = rows[0] if rows else []
+    if not header or "\x00" in text:
+        raise ReportError(f"{path}: malformed: not a CSV table (no header line); {redo}")
+    if not text.endswith(("\n", "\r")):
+        raise ReportError(f"{path}: truncated: the last line ({len(rows)}) has no line end, so the file was cut "
+                          f"while being written or copied; {redo}")
+    for i, row in enumerate(rows[1:], start=2):
+        if row and len(row) != len(header):
+            what = "truncated" if i == len(rows) and len(row) < len(header) else "malformed"
+            raise ReportError(f"{path}: {what}: line {i} has {len(row)} field(s), the header has {len(header)}; "
+                              f"{redo}")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ReportError(f"{path}: malformed: no column(s) {', '.join(missing)} (the header is "
+                          f"{', '.join(header[:8])}{', ...' if len(header) > 8 else ''}); {redo}")
+    return None
 
 
 # --------------------------------------------------------------------------- inputs
 class Inputs:
-    """The run directory's tables and curves; ``why(name)`` says why one is not available."""
+    """The run directory's tables and curves; ``why(name)`` says why one is not available.
+
+    ``warnings`` lists each optional input that is missing or unreadable (the report shows "not
+    available" there); a malformed or truncated input raises :class:`ReportError`.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.tables: dict[str, pd.DataFrame] = {}
         self.missing: dict[str, str] = {}
+        self.warnings: list[str] = []
         for name in TABLES:
             rel = f"tables/{name}.csv"
             p = run_dir / rel
-            if not p.is_file():
-                self.missing[name] = f"{rel} not found (written by {MAKER})"
+            why = check_csv(p, rel, COLUMNS.get(name, ()))
+            if why is not None:
+                self.missing[name] = why
+                self.warnings.append(why)
                 continue
             try:
                 df = pd.read_csv(p)
-            except pd.errors.EmptyDataError:
-                self.missing[name] = f"{rel} is empty"
-                continue
-            except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-                self.missing[name] = f"{rel} is not a readable CSV ({exc})"
-                continue
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+                raise ReportError(f"{p}: malformed: not a readable CSV ({exc}); re-run {MAKER}") from None
             if not len(df):
                 self.missing[name] = f"{rel} has no rows"
+                self.warnings.append(self.missing[name])
                 continue
             self.tables[name] = df
         self.curves: dict[str, Any] = {}
@@ -82,12 +155,21 @@ class Inputs:
         p = run_dir / "report_data" / "curves.json"
         if not p.is_file():
             self.curves_why = f"report_data/curves.json not found (written by {MAKER})"
+            self.warnings.append(self.curves_why)
         else:
             try:
                 data = json.loads(p.read_text(encoding="utf-8"))
-                self.curves = data if isinstance(data, dict) else {}
+            except OSError as exc:
+                self.curves_why = f"report_data/curves.json cannot be read ({exc.strerror or exc})"
+                self.warnings.append(self.curves_why)
             except (ValueError, UnicodeDecodeError) as exc:
-                self.curves_why = f"report_data/curves.json is not readable JSON ({exc})"
+                cut = isinstance(exc, json.JSONDecodeError) and "Expecting" in exc.msg and exc.pos >= len(exc.doc) - 1
+                raise ReportError(f"{p}: {'truncated' if cut else 'malformed'}: not valid JSON ({exc}); re-run "
+                                  f"{MAKER}") from None
+            else:
+                if not isinstance(data, dict):
+                    raise ReportError(f"{p}: malformed: expected a JSON object of curve lists; re-run {MAKER}")
+                self.curves = data
 
     def get(self, name: str) -> pd.DataFrame | None:
         return self.tables.get(name)
@@ -728,17 +810,27 @@ def _check(run_dir: Path) -> None:
                           f"--resume {run_dir}` on a deployment)")
 
 
-def build_report(run_dir: Path | str) -> Path:
+def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = None) -> Path:
     """Render the figures and ``run_dir/report.html``; returns the HTML path.
+
+    Parameters
+    ----------
+    run_dir : Path
+    warn : callable, optional
+        Called with one line per optional input that is missing or unreadable (default: a log
+        warning); the report shows "not available" in its place.
 
     Raises
     ------
     ReportError
-        When ``run_dir`` is not a run directory or lacks ``tables/table3_performance.csv``.
+        When ``run_dir`` is not a run directory, lacks ``tables/table3_performance.csv``, or any of
+        its tables or curves is malformed or truncated (the message names the file).
     """
     run_dir = Path(run_dir)
     _check(run_dir)
     inp = Inputs(run_dir)
+    for line in inp.warnings:
+        (warn or logger.warning)(f"{line}; the report shows it as not available")
     perf = inp.get("table3_performance")
     if perf is None:
         raise ReportError(f"{run_dir / REQUIRED}: {inp.why('table3_performance')}; re-run {MAKER}")

@@ -37,8 +37,12 @@ import SimpleITK as sitk
 from shared.cohort_io import (
     EXTENSIONS,
     KIND_DIRS,
+    NONFINITE_FIX,
+    SERIES_FIX,
+    SeriesProblem,
     VolumeInfo,
     dicom_series_files,
+    dicom_series_problems,
     find_volume,
     read_dicom_series,
     read_image,
@@ -57,7 +61,15 @@ from shared.cohort_patients import (
     load_patients,
     read_patients_table,
 )
-from shared.cohort_types import CheckReport, CohortError, Issue, Severity, VolumeRecord
+from shared.cohort_types import (
+    EXCLUSION_COLUMNS,
+    CheckReport,
+    CohortError,
+    Exclusion,
+    Issue,
+    Severity,
+    VolumeRecord,
+)
 from shared.config import SEQUENCES, TIMEPOINTS, RectalFLConfig
 
 __all__ = [
@@ -65,12 +77,15 @@ __all__ = [
     "EXTENSIONS",
     "ISSUE_CODES",
     "KNOWN_COLUMNS",
+    "EXCLUSION_COLUMNS",
     "CheckReport",
     "CohortError",
+    "Exclusion",
     "Issue",
     "VolumeInfo",
     "VolumeRecord",
     "check_site",
+    "decide_exclusions",
     "find_fallback_mask",
     "find_volume",
     "iter_volumes",
@@ -119,6 +134,10 @@ ISSUE_CODES: dict[str, tuple[str, str]] = {
     "implausible_spacing": ("error", "voxel spacing outside [check.spacing_min_mm, check.spacing_max_mm]"),
     "nonfinite_voxels": ("error", "NaN or infinite voxel values"),
     "constant_image": ("error", "every voxel has the same value"),
+    "dicom_missing_slices": ("error", "a DICOM series has a gap: one or more slices are missing"),
+    "dicom_duplicate_slices": ("error", "a DICOM series holds the same slice position twice"),
+    "dicom_empty_file": ("error", "a zero-byte file in a DICOM series folder (a slice that was not copied)"),
+    "dicom_nonuniform_spacing": ("error", "the slices of a DICOM series are not evenly spaced"),
     # masks
     "geometry_mismatch": ("error", "mask grid differs from its image (size/spacing/origin/direction)"),
     "empty_mask": ("error", "the mask has no foreground voxel"),
@@ -136,7 +155,8 @@ ISSUE_CODES: dict[str, tuple[str, str]] = {
 ISSUE_CODES.update({
     f"rater2_{code}": ("warning", f"second-rater mask: {ISSUE_CODES[code][1]}")
     for code in ("ambiguous_file", "unreadable_file", "not_3d", "not_scalar", "multiple_series", "geometry_mismatch",
-                 "nonfinite_voxels", "empty_mask", "non_binary_mask", "mask_label_value", "mask_too_small", "mask_full")
+                 "nonfinite_voxels", "empty_mask", "non_binary_mask", "mask_label_value", "mask_too_small", "mask_full",
+                 "dicom_missing_slices", "dicom_duplicate_slices", "dicom_empty_file", "dicom_nonuniform_spacing")
 })
 """Every issue code :func:`check_site` emits: code -> (severity, meaning)."""
 
@@ -167,6 +187,8 @@ class _Probe:
     fg_count: int = 0
     fg_lo: np.ndarray | None = None
     fg_hi: np.ndarray | None = None
+    series: list[SeriesProblem] = field(default_factory=list)
+    """A DICOM series folder's damage (gaps, duplicates, empty files, uneven spacing)."""
 
     @property
     def ok3d(self) -> bool:
@@ -197,6 +219,7 @@ def _probe(path: Path, *, pixels: bool, mask: bool) -> _Probe:
         raw_nonfinite: int | None = None
         if path.is_dir():
             files, pr.n_series = dicom_series_files(path)
+            pr.series = dicom_series_problems(path, files)
             img = read_dicom_series(path, files)
             pr.info = VolumeInfo.from_image(img)
         else:
@@ -404,9 +427,11 @@ class _SiteChecker:
                     self.progress(done, total, f"{pid} {tp}")
 
         n_patients = len(pt.listed_ids) + pt.n_empty_ids
-        excluded = {i.patient_id for i in self.issues if i.severity == "error" and i.patient_id is not None}
+        rule = self.cfg.check.exclusion
+        exclusions = decide_exclusions(self.issues, rule)
+        excluded = {e.patient_id for e in exclusions if e.scope == "patient"}
         usable = len([p for p in pt.listed_ids if p not in excluded]) if pt.table is not None else 0
-        report = CheckReport(self.site, n_patients, usable, self.issues, len(self.probes))
+        report = CheckReport(self.site, n_patients, usable, self.issues, len(self.probes), rule, exclusions)
         logger.info("%s: %d patients, %d usable, %d volumes checked, %d error(s), %d warning(s)",
                     self.site, n_patients, usable, report.volumes_checked, len(report.errors), len(report.warnings))
         return report
@@ -550,7 +575,7 @@ class _SiteChecker:
         if pr.pixels:
             if pr.nonfinite:
                 self.add("error", "nonfinite_voxels", pid, path,
-                         f"{where}: {pr.nonfinite} voxel(s) are NaN or infinite", _EXPORT_FIX)
+                         f"{where}: {pr.nonfinite} voxel(s) are NaN or infinite", NONFINITE_FIX)
             if not (pr.vmin < pr.vmax):
                 value = "NaN" if pr.vmin != pr.vmin else f"{pr.vmin:g}"
                 self.add("error", "constant_image", pid, path,
@@ -573,6 +598,9 @@ class _SiteChecker:
             return
         info = pr.info
         assert info is not None
+        for problem in pr.series:
+            self.add(sev, pre + problem.code, pid, path, f"{where}: damaged DICOM series: {problem.message}",
+                     SERIES_FIX)
         if pr.n_series > 1:
             self.add("warning", pre + "multiple_series", pid, path,
                      f"{where}: the DICOM folder holds {pr.n_series} series; the one with most files is used",
@@ -606,7 +634,8 @@ class _SiteChecker:
         self._common_issues(pr, pid, where, kind)
         if pr.error or not pr.ok3d or pr.info is None:
             return True
-        if img.ok3d and img.info is not None and not img.error:
+        if img.ok3d and img.info is not None and not img.error and not img.series:
+            # (against a damaged series the image's own geometry is wrong: its rows say so, not the mask's)
             diffs = _geometry_diffs(pr.info, img.info, self.cfg.check.geometry_tolerance)
             if diffs:
                 self.add(sev, pre + "geometry_mismatch", pid, path,
@@ -722,6 +751,54 @@ def check_site(site_dir: str | Path, cfg: RectalFLConfig, *, progress: Progress 
         what = "is not a folder" if site.exists() else "not found"
         raise CohortError(f"{site}: site folder {what}; pass the folder holding patients.csv, images/ and masks/")
     return _SiteChecker(site, cfg, read_pixels, progress).run()
+
+
+# --------------------------------------------------------------------------- the exclusion rule
+
+
+def issue_volume(issue: Issue) -> tuple[str, str] | None:
+    """``(timepoint, sequence)`` of the volume an issue is about (its image, mask or a file of its DICOM
+    series), or None when it is about the patient as a whole (e.g. its label)."""
+    if not issue.file:
+        return None
+    parts = Path(issue.file).parts
+    if len(parts) < 4 or parts[0] not in KIND_DIRS.values() or parts[2] not in TIMEPOINTS:
+        return None
+    named = split_volume_name(parts[3])
+    seq = named[0] if named else parts[3]
+    return (parts[2], seq) if seq in SEQUENCES else None
+
+
+def decide_exclusions(issues: list[Issue], rule: str) -> list[Exclusion]:
+    """The one exclusion rule: what the errors among ``issues`` remove.
+
+    Every error naming a patient removes data; warnings never do.
+
+    - ``rule == "patient"`` (default): the whole patient, whatever the error.
+    - ``rule == "volume"``: only the volume an error is about (its image, its own mask or a slice of its
+      series; :func:`issue_volume`); an error not about one volume (label, id, patients.csv row)
+      still removes the patient.
+
+    ``site preprocess`` applies the same decisions (and the same rule to its own failures) and
+    training uses only what preprocessing kept, so the three never disagree.
+
+    Returns
+    -------
+    list of Exclusion
+        One per (patient or volume, error), in the order of ``issues``.
+    """
+    if rule not in ("patient", "volume"):
+        raise ValueError(f"exclusion rule must be 'patient' or 'volume', got {rule!r}")
+    out: list[Exclusion] = []
+    for i in issues:
+        if i.severity != "error" or i.patient_id is None:
+            continue
+        vol = issue_volume(i)
+        if rule == "volume" and vol is not None:
+            out.append(Exclusion(i.patient_id, vol[0], vol[1], "volume", rule, i.code, i.file, i.message))
+        else:
+            out.append(Exclusion(i.patient_id, None, None, "patient", rule, i.code, i.file, i.message))
+    return out
 
 
 # --------------------------------------------------------------------------- what preprocessing consumes

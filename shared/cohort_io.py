@@ -32,6 +32,9 @@ Kind = Literal["image", "mask", "mask_rater2"]
 KIND_DIRS: dict[str, str] = {"image": "images", "mask": "masks", "mask_rater2": "masks_rater2"}
 """Top-level folder of each kind of volume."""
 
+NONFINITE_FIX = ("a volume with NaN/inf voxels is excluded everywhere (site check, preprocessing, training); "
+                 "re-export it from the original DICOM, or fix the conversion that produced the NaNs")
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 
@@ -219,6 +222,94 @@ def dicom_series_files(folder: Path) -> tuple[list[str], int]:
     return best, len(series)
 
 
+@dataclass(frozen=True)
+class SeriesProblem:
+    """A damaged DICOM series: ``code`` is one of ``dicom_missing_slices``, ``dicom_duplicate_slices``,
+    ``dicom_empty_file``, ``dicom_nonuniform_spacing``; ``message`` says where (file names, positions)."""
+
+    code: str
+    message: str
+
+
+SERIES_FIX = ("re-export the whole series from the PACS/scanner (every slice, once), or convert it with dcm2niix "
+              "and check its report; ITK would stack the slices it finds as if they were evenly spaced, so the "
+              "volume's geometry and its mask's fit would be wrong")
+
+
+def _slice_position(path: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ImagePositionPatient, slice normal from ImageOrientationPatient) of one DICOM file, or None."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+        ipp = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        iop = [float(v) for v in reader.GetMetaData("0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return None
+    if len(ipp) != 3 or len(iop) != 6:
+        return None
+    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    return np.asarray(ipp), normal
+
+
+def dicom_series_problems(folder: str | Path, files: list[str]) -> list[SeriesProblem]:
+    """Missing, duplicate or zero-byte slices and non-uniform slice spacing in a DICOM series folder.
+
+    Reads each slice's header (ImagePositionPatient, ImageOrientationPatient): slice positions along
+    the normal are sorted; a step of (nearly) 0 is a duplicate slice, a step of about k times the
+    typical one a gap of k - 1 missing slices, other unequal steps non-uniform spacing (more than 1%
+    and 0.01 mm from the median step). A zero-byte file in the folder is a slice that was not copied.
+
+    Parameters
+    ----------
+    folder : str or Path
+    files : list of str
+        The series' files, as :func:`dicom_series_files` returns them.
+
+    Returns
+    -------
+    list of SeriesProblem
+        Empty for a sound series (or when the headers carry no positions to check).
+    """
+    folder = Path(folder)
+    out: list[SeriesProblem] = []
+    empty = sorted(p.name for p in folder.iterdir()
+                   if p.is_file() and not p.name.startswith(".") and p.stat().st_size == 0)
+    if empty:
+        shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        out.append(SeriesProblem("dicom_empty_file", f"{len(empty)} empty (0-byte) file(s) in the series folder "
+                                                     f"({shown}): slice(s) that were not copied"))
+    pos = [(_slice_position(f), Path(f).name) for f in files]
+    if len(pos) < 2 or any(p is None for p, _ in pos):
+        return out
+    normal = pos[0][0][1]  # type: ignore[index]
+    depth = sorted((float(np.dot(p[0], normal)), name) for p, name in pos)  # type: ignore[index]
+    z = np.array([d for d, _ in depth])
+    steps = np.diff(z)
+    moving = steps[steps > 1e-3]
+    if not moving.size:
+        return out
+    typical = float(np.median(moving))
+    dups = [(depth[i][1], depth[i + 1][1]) for i in np.nonzero(steps <= max(1e-3, 0.01 * typical))[0]]
+    if dups:
+        shown = "; ".join(f"{a} and {b}" for a, b in dups[:3]) + ("; ..." if len(dups) > 3 else "")
+        out.append(SeriesProblem("dicom_duplicate_slices", f"{len(dups)} slice position(s) occur twice ({shown})"))
+    gaps = [(i, int(round(s / typical)) - 1) for i, s in enumerate(steps) if s > 1.5 * typical]
+    if gaps:
+        n = sum(k for _, k in gaps)
+        where = "; ".join(f"between {depth[i][1]} ({z[i]:.4g} mm) and {depth[i + 1][1]} ({z[i + 1]:.4g} mm)"
+                          for i, _ in gaps[:3])
+        out.append(SeriesProblem("dicom_missing_slices",
+                                 f"about {max(n, 1)} slice(s) missing: the slices are {typical:.4g} mm apart except "
+                                 f"{where}"))
+    regular = moving[moving <= 1.5 * typical]
+    if not gaps and regular.size and float(np.max(np.abs(regular - typical))) > max(0.01, 0.01 * typical):
+        out.append(SeriesProblem("dicom_nonuniform_spacing",
+                                 f"slice spacing varies from {regular.min():.4g} to {regular.max():.4g} mm "
+                                 f"(median {typical:.4g} mm)"))
+    return out
+
+
 def _read_dicom(folder: Path, files: list[str] | None = None) -> sitk.Image:
     if files is None:
         files, n_series = dicom_series_files(folder)
@@ -227,10 +318,16 @@ def _read_dicom(folder: Path, files: list[str] | None = None) -> sitk.Image:
                            folder, n_series, len(files))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    # ITK's own "Non uniform sampling or missing slices" goes to the terminal, unattributed;
+    # dicom_series_problems reports it per file instead.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         return reader.Execute()
     except RuntimeError as exc:
         raise CohortError(f"{folder}: cannot read the DICOM series: {_itk_reason(exc)}") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 _NIFTI_FLOAT = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float voxels
@@ -493,9 +590,11 @@ def read_image(path: str | Path, *, verify: bool = True) -> sitk.Image:
     ----------
     path : str or Path
     verify : bool
-        Check NIfTI files for truncation/corruption, which ITK would otherwise read silently
-        with the missing voxels set to 0 (costs one more decompression). NaN/inf voxels, which
-        ITK reads as 0 from NIfTI, are logged as a warning (:func:`check_site` reports them).
+        Refuse what ITK would read silently but wrongly: a truncated/corrupt NIfTI file (missing
+        voxels read as 0; costs one more decompression), NaN/inf voxels (read as 0 from NIfTI; kept
+        as NaN from other formats), a DICOM series with missing, duplicate or zero-byte slices or
+        non-uniform spacing (:func:`dicom_series_problems`). The same faults :func:`check_site`
+        reports, so every consumer of a volume applies one rule.
 
     Returns
     -------
@@ -505,11 +604,19 @@ def read_image(path: str | Path, *, verify: bool = True) -> sitk.Image:
     ------
     CohortError
         Naming the path and the reason: missing, empty (0 bytes, no voxels, no DICOM series),
-        truncated, corrupt or unreadable.
+        truncated, corrupt, unreadable, NaN/inf voxels, damaged DICOM series (with ``verify``).
     """
     p = Path(path)
     if p.is_dir():
-        img = _read_dicom(p)
+        files, n_series = dicom_series_files(p)
+        if verify:
+            problems = dicom_series_problems(p, files)
+            if problems:
+                raise CohortError(f"{p}: damaged DICOM series: " + "; ".join(x.message for x in problems)
+                                  + f"; {SERIES_FIX}")
+        if n_series > 1:
+            logger.warning("%s: %d DICOM series found; using the one with most files (%d)", p, n_series, len(files))
+        img = _read_dicom(p, files)
     else:
         _check_exists(p)
         try:
@@ -521,7 +628,13 @@ def read_image(path: str | Path, *, verify: bool = True) -> sitk.Image:
             if problem:
                 raise CohortError(f"{p}: {problem}; re-export or re-copy the file")
             if nonfinite:
-                logger.warning("%s: %d NaN/inf voxel(s) in the file were read as 0 by ITK", p, nonfinite)
+                raise CohortError(f"{p}: {nonfinite} voxel(s) are NaN or infinite (ITK would read them as 0); "
+                                  f"{NONFINITE_FIX}")
     if img.GetNumberOfPixels() == 0:
         raise CohortError(f"{p}: the image has no voxels (size {img.GetSize()}); re-export it")
+    if verify and img.GetNumberOfComponentsPerPixel() == 1 and "float" in img.GetPixelIDTypeAsString():
+        bad = int(np.size(sitk.GetArrayViewFromImage(img)) - np.count_nonzero(np.isfinite(
+            sitk.GetArrayViewFromImage(img))))
+        if bad:
+            raise CohortError(f"{p}: {bad} voxel(s) are NaN or infinite; {NONFINITE_FIX}")
     return img

@@ -59,6 +59,46 @@ class Issue:
         return asdict(self)
 
 
+ExclusionScope = Literal["patient", "volume"]
+
+EXCLUSION_COLUMNS: tuple[str, ...] = ("patient_id", "timepoint", "sequence", "scope", "rule", "code", "file",
+                                      "reason")
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """One recorded decision to leave data out (the one exclusion rule, see ``docs/site.md``).
+
+    Attributes
+    ----------
+    patient_id : str
+    timepoint, sequence : str or None
+        The volume removed; None when the whole patient is (``scope == "patient"``).
+    scope : {"patient", "volume"}
+        What is removed.
+    rule : {"patient", "volume"}
+        The ``check.exclusion`` setting that applied.
+    code : str
+        The issue code (or preprocessing status) that triggered it, e.g. ``"nonfinite_voxels"``.
+    file : str or None
+        The file at fault, relative to the site folder.
+    reason : str
+        The issue's message.
+    """
+
+    patient_id: str
+    timepoint: str | None
+    sequence: str | None
+    scope: ExclusionScope
+    rule: str
+    code: str
+    file: str | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class CheckReport:
     """The result of :func:`shared.cohort.check_site`.
@@ -82,6 +122,10 @@ class CheckReport:
     n_usable_patients: int
     issues: list[Issue] = field(default_factory=list)
     volumes_checked: int = 0
+    rule: str = "patient"
+    """``check.exclusion``: what an error removes (``patient`` or ``volume``)."""
+    exclusions: list[Exclusion] = field(default_factory=list)
+    """What the errors remove under ``rule`` (one entry per patient or volume and issue)."""
 
     @property
     def errors(self) -> list[Issue]:
@@ -100,8 +144,14 @@ class CheckReport:
 
     @property
     def excluded_patients(self) -> set[str]:
-        """Ids of the patients with at least one error: the recorded decision to exclude them."""
-        return {i.patient_id for i in self.errors if i.patient_id is not None}
+        """Ids of the patients left out entirely: the recorded decision (every patient with an error
+        under the ``patient`` rule; under ``volume``, those whose error is not about one volume)."""
+        return {e.patient_id for e in self.exclusions if e.scope == "patient"}
+
+    @property
+    def excluded_volumes(self) -> set[tuple[str, str, str]]:
+        """``(patient_id, timepoint, sequence)`` of volumes left out on their own (``volume`` rule)."""
+        return {(e.patient_id, str(e.timepoint), str(e.sequence)) for e in self.exclusions if e.scope == "volume"}
 
     def codes(self, severity: Severity | None = None) -> list[str]:
         """Return the issue codes (optionally of one severity), in the order found."""
@@ -121,9 +171,23 @@ class CheckReport:
             "n_errors": len(self.errors),
             "n_warnings": len(self.warnings),
             "issue_counts": dict(sorted(by_code.items())),
+            "exclusion_rule": self.rule,
             "excluded_patients": sorted(self.excluded_patients),
+            "excluded_volumes": [list(v) for v in sorted(self.excluded_volumes)],
+            "exclusions": [e.to_dict() for e in self.exclusions],
             "issues": [i.to_dict() for i in self.issues],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CheckReport:
+        """Inverse of :meth:`to_dict`."""
+        return cls(Path(d["site_dir"]), int(d["n_patients"]), int(d["n_usable_patients"]),
+                   [Issue(**i) for i in d.get("issues", [])], int(d.get("volumes_checked", 0)),
+                   str(d.get("exclusion_rule", "patient")), [Exclusion(**e) for e in d.get("exclusions", [])])
+
+    def exclusions_table(self) -> pd.DataFrame:
+        """The exclusions as a DataFrame (:data:`EXCLUSION_COLUMNS`)."""
+        return pd.DataFrame([e.to_dict() for e in self.exclusions], columns=list(EXCLUSION_COLUMNS))
 
     def to_table(self) -> pd.DataFrame:
         """Return the issues as a DataFrame with columns severity, code, patient_id, file, message, fix."""

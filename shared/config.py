@@ -14,9 +14,12 @@ changes (``data.sequences: [t2w]`` for a site with T2W only).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 logger = logging.getLogger(__name__)
 
 SEQUENCES: tuple[str, ...] = ("t2w", "dwi", "ce_t1w", "adc")
+BACKBONES: dict[str, int | None] = {
+    "densenet121": None, "densenet_tiny": None, "resnet18": None, "resnet34": None, "resnet50": None,
+    "resnet_tiny": None, "vit": 16, "vit_tiny": 8,
+}
+"""Response backbones ``train.backbone`` may name, with the patch size a ViT needs ``preprocess.slice_size`` to be a
+multiple of (None: any size). Kept here so that validating a config never imports PyTorch; a test checks it equals
+``shared.models.available_models("classification")``."""
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+"""``train.device``: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` (whether the device exists is checked where
+training runs, since the server validates a config it never trains with)."""
 TIMEPOINTS: tuple[str, ...] = ("pre", "post")
 
 Sequence = Literal["t2w", "dwi", "ce_t1w", "adc"]
@@ -67,6 +80,10 @@ class CheckConfig(_Section):
     spacing_min_mm: float = Field(0.1, gt=0)
     spacing_max_mm: float = Field(10.0, gt=0)
     min_mask_voxels: int = Field(10, ge=1)
+    exclusion: Literal["patient", "volume"] = "patient"
+    """What an error removes, in ``site check``, ``site preprocess`` and training alike: ``patient`` (default)
+    excludes every volume of a patient with any error; ``volume`` excludes only the faulty volume (and the
+    patient only for errors that are not about one volume, e.g. its label). See docs/site.md."""
 
     @model_validator(mode="after")
     def _range(self) -> CheckConfig:
@@ -180,6 +197,22 @@ class TrainConfig(_Section):
     """Seed of weight initialisation and local updates; null uses the run's ``seed`` (which also fixes
     the synthetic cohort and the splits), so repeated training on the same data is one key away."""
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        if v not in BACKBONES:
+            close = difflib.get_close_matches(v, list(BACKBONES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown backbone{hint}; available: {', '.join(BACKBONES)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(DEVICE_PATTERN, v):
+            raise ValueError("not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU index) or 'mps'")
+        return v
+
 
 class FederationConfig(_Section):
     mode: Literal["federated", "pooled", "local"] = "federated"
@@ -201,8 +234,17 @@ class FederationConfig(_Section):
 class PrivacyConfig(_Section):
     min_cell_count: int = Field(5, ge=1, description="disclosure control: smallest count a summary may describe")
     dp: bool = False
+    """Opacus DP-SGD: not available in this version, so ``true`` is refused when the config is validated."""
     dp_noise_multiplier: float = Field(1.0, gt=0)
     dp_max_grad_norm: float = Field(1.0, gt=0)
+
+    @field_validator("dp")
+    @classmethod
+    def _no_dp_yet(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("DP-SGD (Opacus) is not available in this version of rectalfl; set privacy.dp: false "
+                             "(every site would otherwise fail its first training round)")
+        return v
 
 
 STAGES: tuple[str, ...] = ("describe", "train", "signatures", "stats", "fusion")
@@ -353,6 +395,14 @@ class RectalFLConfig(_Section):
     site_policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     """Simulation only: each simulated site's own policy, by site name (default: ``policy``)."""
 
+    @model_validator(mode="after")
+    def _backbone_fits_slices(self) -> RectalFLConfig:
+        patch = BACKBONES.get(self.train.backbone)
+        if patch and self.preprocess.slice_size % patch:
+            raise ValueError(f"train.backbone {self.train.backbone!r} cuts slices into {patch}x{patch} patches, so "
+                             f"preprocess.slice_size must be a multiple of {patch}, got {self.preprocess.slice_size}")
+        return self
+
     def digest(self) -> str:
         """Short hash of the resolved config (stored with models and the run record)."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
@@ -362,12 +412,13 @@ class RectalFLConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, overrides: Mapping[str, str] | None = None) -> str:
+    """One line per bad setting: dotted key, value, what is allowed; a key set on the command line says so."""
     lines = [f"{source}: {err.error_count()} invalid setting(s)"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"]) or "<config>"
         value = e.get("input")
-        msg = e["msg"]
+        msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parent = _resolve_model(e["loc"][:-1])
             allowed = sorted(parent.model_fields) if parent else []
@@ -377,7 +428,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  - {key} = {shown}: {msg}")
+        origin = next((label for dotted, label in (overrides or {}).items()
+                       if key == dotted or key.startswith(dotted + ".")), None)
+        where = f" (set on the command line by {origin})" if origin else ""
+        lines.append(f"  - {key} = {shown}{where}: {msg}" if e["loc"] else f"  - {msg}")
     return "\n".join(lines)
 
 
@@ -398,8 +452,19 @@ def _resolve_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> RectalFLConfig:
+def parse_config(data: dict[str, Any] | None, source: str = "<config>", *,
+                 overrides: Mapping[str, str] | None = None) -> RectalFLConfig:
     """Validate a mapping against the schema.
+
+    Parameters
+    ----------
+    data : dict or None
+        The settings (``None`` = all defaults).
+    source : str
+        What the settings came from, named in the error (a file name).
+    overrides : mapping, optional
+        Dotted keys that were set on the command line -> how the user set them (e.g.
+        ``{"federation.mode": "--mode"}``); an error on one of them says so.
 
     Raises
     ------
@@ -413,10 +478,85 @@ def parse_config(data: dict[str, Any] | None, source: str = "<config>") -> Recta
     try:
         return RectalFLConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, overrides)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RectalFLConfig:
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: let the base constructor report it
+            break
+        if first is not None:
+            raise _DuplicateKeyError(key, first, key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML config file strictly.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, unreadable, empty (or only comments), not valid YAML (the message names
+        the file, line and column), gives a key twice in one section (naming both lines), or its top
+        level is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        what = "is a folder, not a file" if p.is_dir() else "not found"
+        raise ConfigError(f"config file {p} {what} (see configs/ for examples)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot be read as a text file ({exc})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{p}:{exc.second.line + 1}: key {exc.key!r} is given twice in the same section (lines "
+            f"{exc.first.line + 1} and {exc.second.line + 1}); YAML would silently keep only the second: "
+            "delete one of them") from None
+    except yaml.MarkedYAMLError as exc:
+        ctx, prob = exc.context_mark, exc.problem_mark
+        first = ctx or prob
+        where = f"{p}:{first.line + 1}" if first is not None else str(p)
+        parts = []
+        if exc.context:
+            parts.append(f"{exc.context}{f' (line {ctx.line + 1}, column {ctx.column + 1})' if ctx else ''}")
+        if exc.problem:
+            parts.append(f"{exc.problem}{f' at line {prob.line + 1}, column {prob.column + 1}' if prob else ''}")
+        raise ConfigError(f"{where}: not valid YAML: {': '.join(parts) or type(exc).__name__}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"{p}: the file is empty (no settings); write the keys you change (see configs/ for "
+                          "examples), or leave out --config to use the defaults")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys (key: value lines), got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                override_names: Mapping[str, str] | None = None) -> RectalFLConfig:
     """Read a YAML config file (or the defaults when ``path`` is None) and validate it.
 
     Parameters
@@ -424,22 +564,31 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     path : str or Path, optional
         YAML file. ``None`` gives the schema defaults.
     overrides : dict, optional
-        Dotted keys to set after reading, e.g. ``{"federation.rounds": 2}``.
+        Dotted keys to set after reading, e.g. ``{"federation.rounds": 2}`` (command-line options).
+    override_names : mapping, optional
+        How the user set each override (``{"federation.rounds": "--rounds"}``), named in errors;
+        default: the dotted key itself.
+
+    Raises
+    ------
+    ConfigError
+        See :func:`read_yaml` and :func:`parse_config`; an error caused by an override is named as
+        a command-line setting, not attributed to the file.
     """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p} (see configs/ for examples)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        source = str(path)
+        data = read_yaml(path)
+    names = {k: (override_names or {}).get(k, k) for k in (overrides or {})}
     for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
-    return parse_config(data, source)
+        try:
+            _set_dotted(data, dotted, value)
+        except ConfigError as exc:
+            raise ConfigError(f"command-line setting {names[dotted]}: {exc}") from None
+    if names:
+        source += f" with command-line setting(s) {', '.join(names.values())}"
+    return parse_config(data, source, overrides=names)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

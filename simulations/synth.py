@@ -615,6 +615,9 @@ def _make_patient(job: _Job) -> tuple[int, dict[str, Any], int, int]:
 
 
 def _worker_init() -> None:
+    from shared.interrupt import ignore_in_worker
+
+    ignore_in_worker()  # Ctrl-C is the parent's: it stops the pool and says how to continue
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
@@ -755,10 +758,14 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, seed: int = 42, *, wo
         for job in jobs:
             _record(job, _make_patient(job))
     else:
+        from shared.interrupt import sigint_held_from_children
+
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init)
-        try:
+        with sigint_held_from_children():  # a Ctrl-C is the parent's, even while a worker starts
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
+                                       initializer=_worker_init)
             futures: dict[Future, _Job] = {pool.submit(_make_patient, job): job for job in jobs}
+        try:
             pending = set(futures)
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_EXCEPTION)

@@ -17,6 +17,19 @@ from client.preprocess import MANIFEST_COLUMNS, load_manifest, load_slice, load_
 from .conftest import PATIENTS, SEQUENCES, TIMEPOINTS, TUMOUR_Z, Site, build_site, site_config
 
 
+def _own_failures(cfg):
+    """These tests are about preprocessing's own failure handling: no site check in front of it (a check
+    without findings) and the volume rule, so a failure removes only its volume (the exclusion rule
+    itself is tested in tests/client/preprocess/test_exclusion_rule.py)."""
+    return cfg.model_copy(update={"check": cfg.check.model_copy(update={"exclusion": "volume"})})
+
+
+def _no_check(root: Path):
+    from shared.cohort import CheckReport
+
+    return CheckReport(Path(root), 0, 0, rule="volume")
+
+
 def _arrays(cache: Path, manifest: pd.DataFrame) -> dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]]:
     ok = manifest[manifest["status"] == "ok"]
     return {(r.patient_id, r.timepoint, r.sequence): load_slice(cache, r.patient_id, r.timepoint, r.sequence)
@@ -46,10 +59,11 @@ def test_site_end_to_end_with_a_corrupt_file(tiny_site: Site, tmp_path: Path) ->
     bad = tiny_site.path("P007", "post", "dwi")
     bad.write_bytes(b"\x1f\x8b this is not an image")
     tiny_site.remove_mask("P001", "pre", "dwi")  # served by the t2w mask
-    cfg = site_config()
+    cfg = _own_failures(site_config())
     cache = tmp_path / "cache"
     seen: list[tuple[int, int, str]] = []
-    manifest = preprocess_site(tiny_site.root, cache, cfg, progress=lambda d, t, label: seen.append((d, t, label)))
+    manifest = preprocess_site(tiny_site.root, cache, cfg, progress=lambda d, t, label: seen.append((d, t, label)),
+                               check=_no_check(tiny_site.root))
 
     assert list(manifest.columns) == list(MANIFEST_COLUMNS)
     assert len(manifest) == len(PATIENTS) * len(TIMEPOINTS) * len(SEQUENCES) == 8
@@ -88,7 +102,7 @@ def test_no_mask_status_and_numeric_ids(tmp_path: Path) -> None:
     site = build_site(tmp_path / "site", patients=("007", "P001"))
     for seq in SEQUENCES:
         site.remove_mask("007", "post", seq)
-    m = preprocess_site(site.root, tmp_path / "cache", site_config())
+    m = preprocess_site(site.root, tmp_path / "cache", _own_failures(site_config()), check=_no_check(site.root))
     nm = m[m["status"] == "no_mask"]
     assert sorted(nm["sequence"]) == ["dwi", "t2w"] and set(nm["patient_id"]) == {"007"}
     assert (nm["mask_source"] == "none").all() and nm["error"].str.contains("no mask").all()
@@ -104,7 +118,8 @@ def test_geometry_incompatible_fallback_is_an_error_row(tiny_site: Site, tmp_pat
     m = sitk.ReadImage(str(p))
     m.SetOrigin((300.0, 300.0, 0.0))
     sitk.WriteImage(m, str(p))
-    man = preprocess_site(tiny_site.root, tmp_path / "cache", site_config())
+    man = preprocess_site(tiny_site.root, tmp_path / "cache", _own_failures(site_config()),
+                          check=_no_check(tiny_site.root))
     row = man.set_index(["patient_id", "timepoint", "sequence"]).loc[("P007", "pre", "dwi")]
     assert row["status"] == "error" and "mask geometry incompatible" in row["error"]
     # its own t2w volume now has a mask that does not fit either: an error, not a crash
@@ -172,17 +187,17 @@ def test_interrupted_run_keeps_finished_volumes_and_resumes(tiny_site: Site, tmp
 def test_failures_are_persisted_and_reused(tiny_site: Site, tmp_path: Path, counter: Counter) -> None:
     tiny_site.path("P001", "pre", "t2w").write_bytes(b"garbage")
     cache = tmp_path / "cache"
-    preprocess_site(tiny_site.root, cache, site_config())
+    preprocess_site(tiny_site.root, cache, _own_failures(site_config()), check=_no_check(tiny_site.root))
     assert (cache / "slices/P001/pre_t2w.error.json").is_file()
     counter.calls.clear()
-    man = preprocess_site(tiny_site.root, cache, site_config())
+    man = preprocess_site(tiny_site.root, cache, _own_failures(site_config()), check=_no_check(tiny_site.root))
     assert counter.calls == []  # same inputs, same config: the recorded failure stands
     assert man.set_index(["patient_id", "timepoint", "sequence"]).loc[("P001", "pre", "t2w"), "status"] == "error"
     # fixing the file makes the next run retry it, and the stale error record goes
     time.sleep(0.01)
     build_site(tmp_path / "fresh")
     tiny_site.path("P001", "pre", "t2w").write_bytes((tmp_path / "fresh/images/P001/pre/t2w.nii.gz").read_bytes())
-    man = preprocess_site(tiny_site.root, cache, site_config())
+    man = preprocess_site(tiny_site.root, cache, _own_failures(site_config()), check=_no_check(tiny_site.root))
     assert counter.calls == [("P001", "pre", "t2w")]
     assert (man["status"] == "ok").all()
     assert not (cache / "slices/P001/pre_t2w.error.json").exists()
@@ -190,10 +205,11 @@ def test_failures_are_persisted_and_reused(tiny_site: Site, tmp_path: Path, coun
 
 def test_two_workers_match_one_worker(tiny_site: Site, tmp_path: Path) -> None:
     tiny_site.path("P007", "post", "t2w").write_bytes(b"broken")
-    cfg = site_config()
-    one = preprocess_site(tiny_site.root, tmp_path / "c1", cfg, workers=1)
+    cfg = _own_failures(site_config())
+    one = preprocess_site(tiny_site.root, tmp_path / "c1", cfg, workers=1, check=_no_check(tiny_site.root))
     labels: list[str] = []
-    two = preprocess_site(tiny_site.root, tmp_path / "c2", cfg, workers=2, progress=lambda d, t, s: labels.append(s))
+    two = preprocess_site(tiny_site.root, tmp_path / "c2", cfg, workers=2, progress=lambda d, t, s: labels.append(s),
+                          check=_no_check(tiny_site.root))
     assert len(labels) == 8
     cols = [c for c in MANIFEST_COLUMNS if c != "seconds"]
     pd.testing.assert_frame_equal(one[cols], two[cols])

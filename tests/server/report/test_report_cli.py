@@ -37,7 +37,7 @@ def test_report_command_does_not_open_by_default(tmp_path, monkeypatch):
 
     opened: list[str] = []
     monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or True)
-    monkeypatch.setattr(server.report, "build_report", lambda rd: rd / "report.html")
+    monkeypatch.setattr(server.report, "build_report", lambda rd, **kw: rd / "report.html")
     res = runner.invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert str(tmp_path / "report.html") in flat(res.output) and opened == []
