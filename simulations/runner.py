@@ -114,10 +114,11 @@ def _run_flower_simulation(cfg: RectalFLConfig, run_dir: Path, sites: list[dict]
 
 def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external: set[str]) -> pd.DataFrame:
     """``pooled`` or ``local``: same training and evaluation code, no federation."""
-    from client.algorithm import SiteAlgorithm
+    from client.algorithm import SiteAlgorithm, baseline_privacy
     from client.train import SliceSet, train_backbone
     from server.evaluation import evaluate_signatures
     from server.pipeline import prepare_run_dir, save_final_model, write_table
+    from server.privacy_ledger import record_privacy
     from server.store import RunStore
     from shared.models import initial_states, models_from_states, stable_seed, training_seed
     from shared.queries import local_transport
@@ -138,14 +139,18 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
             with store.stage(run_id, f"train:{model_name}"):
                 states = initial_states(cfg)
                 models = models_from_states(cfg, states)
+                privacy = baseline_privacy(cfg, [algos[m] for m in members], model_name)  # DP: None when off
                 for key in algos[members[0]].keys:
                     parts = [algos[m].data[key].subset(["train"]) for m in members]
                     data = SliceSet(key, np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]),
                                     sum((p.patient_ids for p in parts), []), np.concatenate([p.split for p in parts]))
                     stats = train_backbone(models[key], data, cfg.train, epochs=epochs,
-                                           seed=stable_seed(training_seed(cfg), model_name, key))
+                                           seed=stable_seed(training_seed(cfg), model_name, key),
+                                           dp=privacy.dp(key, len(data)) if privacy else None)
                     store.log_metrics(run_id, f"train:{model_name}", "+".join(members),
                                       {f"{key}/train-loss": stats.loss_last_epoch, f"{key}/n": stats.n_examples})
+                if privacy is not None:  # DP: the baseline's epsilon, in the run record like a site's
+                    store.log_metrics(run_id, f"train:{model_name}", "+".join(members), privacy.finish())
                 final = {k: OrderedDict(m.state_dict()) for k, m in models.items()}
             if cfg.federation.mode == "pooled":
                 save_final_model(cfg, run_dir, states_to_record(final), store, run_id, seconds=0.0)
@@ -158,5 +163,6 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
             tables.append(t)
         table = pd.concat(tables, ignore_index=True)
         write_table(table, run_dir / "tables" / "signature_auc.csv", store, run_id, run_dir)
+        record_privacy(cfg, run_dir, store, run_id)  # DP: tables/privacy_ledger.csv
         store.finish_run(run_id, "completed")
     return table
