@@ -117,6 +117,11 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return conn
 
 
+_MAX_TS = 253402300799.0
+"""Largest timestamp a datetime holds (9999-12-31): the simulation engine's nodes never expire (their
+heartbeat interval is 1e300 s), so their ``online_until`` is beyond it and means "no expiry"."""
+
+
 def _node_fields(node: Any, now: datetime) -> tuple[str, str, str | None, str | None, float | None]:
     """``(node_id, status, last_seen, online_until, heartbeat_interval)`` of a listed node."""
     node_id = str(int(node.node_id))
@@ -127,7 +132,7 @@ def _node_fields(node: Any, now: datetime) -> tuple[str, str, str | None, str | 
     interval_f = float(interval) if interval else None
     until = None
     last_seen: str | None = _iso(now) if online else None
-    if until_ts:  # a proto3 double is 0.0 when unset
+    if until_ts and float(until_ts) < _MAX_TS:  # 0.0 when unset (proto3); beyond _MAX_TS: never expires
         until_dt = datetime.fromtimestamp(float(until_ts), tz=UTC)
         until = _iso(until_dt)
         if interval_f:
