@@ -54,8 +54,23 @@ def make_accountant(mechanism: str, history: History | None = None) -> Any:
     return acc
 
 
+def compact(history: History) -> History:
+    """Entries with the same noise and sample rate merged (their steps summed), in first-seen order.
+
+    Composition does not depend on the order of the steps, and Opacus' accountants compute an
+    entry's loss from ``steps`` times one step's (RDP) or by self-composition (PRV): merging gives
+    the same epsilon while the cost of computing it no longer grows with the number of rounds and
+    backbones (Opacus' RDP of one entry costs ~0.1-1 s on a CPU).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        merged[(float(sigma), float(q))] = merged.get((float(sigma), float(q)), 0) + int(steps)
+    return [(sigma, q, steps) for (sigma, q), steps in merged.items() if steps > 0]
+
+
 def epsilon_of(mechanism: str, history: History, delta: float) -> float:
     """Epsilon of ``history`` at ``delta`` by Opacus' accountant (0 for an empty history)."""
+    history = compact(history)
     if not history:
         return 0.0
     return float(make_accountant(mechanism, history).get_epsilon(delta=delta))
