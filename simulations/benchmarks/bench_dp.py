@@ -4,6 +4,7 @@ Run from the repository root (prepares the demo cohort if needed)::
 
     python -m simulations.benchmarks.bench_dp                     # demo config, 3 seeds, eps 1, 3, 8 and no DP
     python -m simulations.benchmarks.bench_dp --seeds 1 --rounds 3 --out bench_dp.csv   # a reduced run
+    python -m simulations.benchmarks.bench_dp --fit-timing 5 --timing-only              # DP cost of a local round
 
 Every configuration is a real federation (``simulations.runner.run_simulation``: Flower's simulation
 engine, the ClientApp, the pipeline), FedAvg, on the demo consortium; only ``train.seed`` varies
@@ -91,6 +92,45 @@ def read_run(run_dir: Path) -> dict[str, float]:
     return out
 
 
+def fit_timing(base: RectalFLConfig, site: str, repeats: int) -> pd.DataFrame:
+    """Seconds of one site's local round (every backbone), without and with DP, interleaved in one process.
+
+    The federated rounds' times depend on whatever else the machine runs; alternating the two
+    here puts both under the same conditions. DP: noise multiplier 1, the site's own ledger under a
+    throw-away run id (removed afterwards).
+    """
+    import uuid
+
+    from client.algorithm import SiteAlgorithm
+    from client.privacy_ledger import PrivacyLedger
+    from server.pipeline import simulation_sites
+    from shared.config import parse_config
+    from shared.models import initial_states
+
+    sites, _ = simulation_sites(base)
+    s = next(x for x in sites if x["name"] == site)
+    rows = []
+    for dp in (False, True):
+        data = base.model_dump(mode="json")
+        data["privacy"].update({"dp": dp, "noise_multiplier": 1.0 if dp else None, "target_epsilon": None})
+        cfg = parse_config(data, source="bench_dp")
+        algo = SiteAlgorithm(site, Path(s["data_dir"]), Path(s["cache_dir"]), cfg)
+        states = initial_states(cfg)
+        run = f"bench-timing-{uuid.uuid4().hex[:8]}"
+        algo.fit(states, 0, run_id=run)  # warm-up: caches, imports, the per-sample engine probe
+        rows.append((dp, algo, states, run))
+    out = []
+    for i in range(repeats):
+        for dp, algo, states, run in rows:
+            t0 = time.perf_counter()
+            algo.fit(states, i + 1, run_id=run)
+            out.append({"dp": dp, "seconds": time.perf_counter() - t0})
+    for dp, algo, _, run in rows:
+        if dp:
+            PrivacyLedger.file_for(algo.cache_dir, run).unlink(missing_ok=True)
+    return pd.DataFrame(out)
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean +- SD over seeds per setting, as text cells, in the order: no DP, then decreasing epsilon."""
     cols = [c for c in rows.columns if c not in ("setting", "seed", "run_dir", "wall_s")]
@@ -118,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-root", type=Path, default=None, help="site caches (default: the config's)")
     ap.add_argument("--runs-root", type=Path, default=Path("runs/bench_dp"))
     ap.add_argument("--out", type=Path, default=None, help="also write every run's numbers to this CSV")
+    ap.add_argument("--fit-timing", type=int, default=0, metavar="N",
+                    help="also time N local rounds of site_a without and with DP, interleaved in this process")
+    ap.add_argument("--timing-only", action="store_true", help="only the --fit-timing measurement")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -136,6 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     base.fusion.variants = False  # FDL, CR, CRD only
     base.fusion.pooled_reference = False
     prepare_sites(base)
+    if args.fit_timing:
+        t = fit_timing(base, base.synth.sites[0].name, args.fit_timing)
+        g = t.groupby("dp")["seconds"]
+        print(f"local round of {base.synth.sites[0].name} (every backbone, {base.train.local_epochs} epoch(s)), "
+              f"{args.fit_timing} repeats interleaved: without DP {g.mean()[False]:.2f} +- {g.std()[False]:.2f} s, "
+              f"with DP {g.mean()[True]:.2f} +- {g.std()[True]:.2f} s (x{g.mean()[True] / g.mean()[False]:.2f})",
+              flush=True)
+        if args.timing_only:
+            return 0
     settings: list[float | None] = [None, *sorted(args.epsilons, reverse=True)]
     rows = []
     for seed in range(1, args.seeds + 1):
