@@ -23,6 +23,7 @@ import torch
 
 from client.site_table import SiteTables
 from client.train import (
+    DPSGD,
     SliceSet,
     assign_splits,
     initial_states,
@@ -112,29 +113,69 @@ class SiteAlgorithm(SiteTables):
         return {f"patients-{s}": int(vc.get(s, 0)) for s in ("train", "val", "test")}
 
     # ------------------------------------------------------------------ stages
-    def fit(self, states: States, server_round: int, *, proximal_mu: float = 0.0, epochs: int | None = None) -> FitResult:
-        """One local update of every backbone, starting from the global ``states``."""
-        if self.cfg.privacy.dp:
-            raise NotImplementedError("privacy.dp (Opacus DP-SGD) is not available in this version; set privacy.dp: false")
+    def fit(self, states: States, server_round: int, *, proximal_mu: float = 0.0, epochs: int | None = None,
+            run_id: str | None = None, epsilon_budget: float | None = None, stage: str = "train") -> FitResult:
+        """One local update of every backbone, starting from the global ``states``.
+
+        With ``privacy.dp`` the update is DP-SGD (:func:`client.train.train_backbone_dp`), accounted in
+        the site's privacy ledger of ``run_id`` (:mod:`client.privacy_ledger`); a round that would take
+        the site's epsilon for the run past ``epsilon_budget`` (its own ``policy.epsilon_budget``) is
+        refused before any training, and so is every round of a run without DP when a budget is set.
+        The reply's metrics then carry ``epsilon`` (the stage's so far) and the DP settings, and no
+        training loss (a loss is a statistic of the patients that DP does not cover).
+
+        Raises
+        ------
+        client.stats_service.PolicyRefusal
+            Rule ``epsilon_budget``: the budget forbids this round.
+        """
+        epochs = epochs or self.cfg.train.local_epochs
+        dp = self.cfg.privacy.dp
+        if epsilon_budget is not None and not dp:
+            from client.stats_service import PolicyRefusal
+
+            raise PolicyRefusal("epsilon_budget", (
+                f"site {self.site} trains only with differential privacy (its policy.epsilon_budget is "
+                f"{epsilon_budget:g}) and run {run_id or '?'} has privacy.dp false"))
         models = models_from_states(self.cfg, states)
+        train_sets = {key: self.data[key].subset(["train"]) for key in self.keys}
+        train_ids = set().union(*(d.patient_ids for d in train_sets.values()))
+        ledger = plan = None
+        if dp:
+            from client.privacy_ledger import PrivacyLedger
+
+            ledger = PrivacyLedger.open(self.cache_dir, run_id or "", self.site)
+            plan = ledger.plan(stage, self.cfg.privacy, {k: len(d) for k, d in train_sets.items()}, len(train_ids),
+                               batch_size=self.cfg.train.batch_size, epochs=epochs,
+                               planned_rounds=self.cfg.federation.rounds)
+            spent, after = ledger.check_budget(plan, epsilon_budget)
+            logger.info("site %s round %d: DP-SGD (noise %.3g, clip %g); epsilon %.3f -> %.3f of budget %s",
+                        self.site, server_round, plan.noise_multiplier, plan.max_grad_norm, spent, after,
+                        "none" if epsilon_budget is None else f"{epsilon_budget:g}")
         metrics: dict[str, float] = {}
         out: States = {}
-        train_ids: set[str] = set()
         for key in self.keys:
-            data = self.data[key].subset(["train"])
-            train_ids.update(data.patient_ids)
+            data = train_sets[key]
             stats = train_backbone(
-                models[key], data, self.cfg.train, epochs=epochs or self.cfg.train.local_epochs,
+                models[key], data, self.cfg.train, epochs=epochs,
                 seed=stable_seed(training_seed(self.cfg), "fit", self.site, key, server_round), device=self.device,
                 global_state=states[key] if proximal_mu > 0 else None, proximal_mu=proximal_mu,
+                dp=plan.for_backbone(key, epochs) if plan is not None and len(data) else None,
             )
             out[key] = OrderedDict((k, v.detach().clone()) for k, v in models[key].state_dict().items())
-            metrics[f"{key}/train-loss"] = stats.loss_last_epoch
+            if plan is None:
+                metrics[f"{key}/train-loss"] = stats.loss_last_epoch
+            else:
+                logger.info("site %s round %d %s: DP training loss %.4f (kept on site)", self.site, server_round, key,
+                            stats.loss_last_epoch)
             metrics[f"{key}/n"] = float(stats.n_examples)
             metrics[f"{key}/seconds"] = stats.seconds
         metrics["fit-seconds"] = float(sum(v for k, v in metrics.items() if k.endswith("/seconds")))
-        losses = [v for k, v in metrics.items() if k.endswith("/train-loss") and np.isfinite(v)]
-        metrics["train-loss"] = float(np.mean(losses)) if losses else float("nan")
+        if plan is None:
+            losses = [v for k, v in metrics.items() if k.endswith("/train-loss") and np.isfinite(v)]
+            metrics["train-loss"] = float(np.mean(losses)) if losses else float("nan")
+        else:
+            metrics.update(ledger.commit(plan, server_round))  # type: ignore[union-attr]
         return FitResult(out, len(train_ids), metrics)
 
     def evaluate_loss(self, states: States, split: str = "val") -> dict[str, float]:
@@ -183,3 +224,47 @@ class SiteAlgorithm(SiteTables):
 
 def fresh_states(cfg: RectalFLConfig) -> States:
     return initial_states(cfg)
+
+
+class BaselinePrivacy:
+    """DP-SGD for the simulation's pooled/local baselines: one accountant over the cases trained together.
+
+    The pooled baseline trains once on the union of the training sites' cases: its accountant, delta
+    (1 / (10 n) over all those patients) and sample rates are those of the pooled training set; a local
+    baseline has one per site. Training takes ``rounds * local_epochs`` epochs in one go, as the
+    baseline does. Kept in memory (one process trains and reports).
+
+    Parameters
+    ----------
+    cfg : RectalFLConfig
+    sites : list of SiteAlgorithm
+        The sites whose training cases are pooled (one for a local baseline).
+    name : str
+        The baseline's name (``pooled``, ``local-<site>``).
+    """
+
+    stage = "train"
+
+    def __init__(self, cfg: RectalFLConfig, sites: list[SiteAlgorithm], name: str) -> None:
+        from client.privacy_ledger import PrivacyLedger
+
+        self.epochs = cfg.federation.rounds * cfg.train.local_epochs
+        keys = sites[0].keys
+        sizes = {k: sum(len(s.data[k].subset(["train"])) for s in sites) for k in keys}
+        patients = {(s.site, p) for s in sites for k in keys for p in s.data[k].subset(["train"]).patient_ids}
+        self.ledger = PrivacyLedger.in_memory(name)
+        self.plan = self.ledger.plan(self.stage, cfg.privacy, sizes, len(patients), batch_size=cfg.train.batch_size,
+                                     epochs=self.epochs, planned_rounds=1)
+
+    def dp(self, key: str, n: int) -> DPSGD | None:
+        """The backbone's DP-SGD settings (None for a backbone without cases)."""
+        return self.plan.for_backbone(key, self.epochs) if n else None
+
+    def finish(self) -> dict[str, float]:
+        """Epsilon and settings after training (for the run record: key ``epsilon``, ``dp-*``)."""
+        return self.ledger.commit(self.plan, 1)
+
+
+def baseline_privacy(cfg: RectalFLConfig, sites: list[SiteAlgorithm], name: str) -> BaselinePrivacy | None:
+    """:class:`BaselinePrivacy` when ``privacy.dp`` is on, else None (the baselines' one switch)."""
+    return BaselinePrivacy(cfg, sites, name) if cfg.privacy.dp else None

@@ -196,10 +196,16 @@ def _describe(algo: Any, msg: Message, context: Context) -> RecordDict:
     return RecordDict({"info": ConfigRecord({"info": pack_json(info)})})
 
 
-def _train(algo: Any, msg: Message) -> RecordDict:
+def _train(algo: Any, msg: Message, context: Context | None = None) -> RecordDict:
     conf = msg.content["config"]
     states = unflatten_states(message_arrays(msg.content))
-    res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)))
+    budget = None
+    if context is not None:  # the hospital's own epsilon budget: its policy, never the message
+        from client.site_policy import load_rules
+
+        budget = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg).policy.epsilon_budget
+    res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)),
+                   run_id=str(conf["run-id"]) if "run-id" in conf else None, epsilon_budget=budget)
     metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
     layout = conf.get(LAYOUT_KEY)  # weights packed by the server: reply in the same layout
     arrays = pack_arrays(flatten_states(res.states), str(layout))[0] if layout else states_to_record(res.states)
@@ -243,8 +249,27 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One local update of every backbone from the global weights."""
-    return _reply(msg, context, _train)
+    """One local update of every backbone from the global weights.
+
+    A round the site's policy refuses (its epsilon budget) is answered with the policy-refusal code
+    and a reason naming the budget, the epsilon spent and what the round would cost.
+    """
+    from client.stats_service import PolicyRefusal
+
+    algo = None
+    try:
+        algo = _algorithm(msg, context)
+        content = _train(algo, msg, context)
+        content["site"] = ConfigRecord({"name": algo.site})
+        return audit(algo, msg, Message(content, reply_to=msg))
+    except PolicyRefusal as exc:
+        logger.warning("%s", exc)
+        reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),
+                        reply_to=msg)
+        return audit(algo, msg, reply) if algo else reply
+    except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
+        reply = _error_reply(msg, algo.site if algo else None, exc)
+        return audit(algo, msg, reply) if algo else reply
 
 
 @app.evaluate("signatures")

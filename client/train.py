@@ -12,6 +12,13 @@ trained on the preprocessed largest-tumour slices of the site's training split:
 
 Everything is deterministic given the seed on CPU: the seed of a local update is derived from
 (run seed, site, backbone, round), so a resumed run replays the same updates.
+
+With differential privacy (``privacy.dp``; pass a :class:`DPSGD` from the site's privacy ledger,
+:mod:`client.privacy_ledger`) the same loop runs DP-SGD with Opacus: Poisson sampling of each batch
+(Opacus' ``UniformWithReplacementSampler``), per-sample gradients (Opacus' ``GradSampleModule``, or
+``torch.func`` for networks whose forward Opacus' hooks cannot follow), per-sample clipping and
+Gaussian noise (Opacus' ``DPOptimizer``), each step recorded by the site's Opacus accountant. The
+sampling and the noise are drawn from a secret only the site holds, never from the run's seed.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,12 +51,6 @@ from shared.models import (  # noqa: F401 - re-exported: the site's training cod
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-
-
-
-
 
 
 def resolve_device(name: str) -> torch.device:
@@ -232,14 +235,20 @@ class TrainStats:
 
 def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs: int, seed: int,
                    device: torch.device | None = None, global_state: dict[str, torch.Tensor] | None = None,
-                   proximal_mu: float = 0.0) -> TrainStats:
+                   proximal_mu: float = 0.0, dp: DPSGD | None = None) -> TrainStats:
     """Train ``model`` in place on ``data`` for ``epochs`` local epochs.
 
     Parameters
     ----------
     global_state : dict, optional
         The round's global weights; with ``proximal_mu > 0`` adds the FedProx term.
+    dp : DPSGD, optional
+        Train with DP-SGD (see :func:`train_backbone_dp`); ``model`` must be DP-compatible
+        (``shared.models.run_network`` with ``privacy.dp``).
     """
+    if dp is not None:
+        return train_backbone_dp(model, data, cfg, epochs=epochs, seed=seed, dp=dp, device=device,
+                                 global_state=global_state, proximal_mu=proximal_mu)
     device = device or torch.device("cpu")
     t0 = time.perf_counter()
     n = len(data)
@@ -283,6 +292,217 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
         losses.append(total / max(count, 1))
     model.to("cpu")
     return TrainStats(n, steps, losses[0], losses[-1], time.perf_counter() - t0, losses)
+
+
+# --------------------------------------------------------------------------- differential privacy
+
+
+@dataclass
+class DPSGD:
+    """DP-SGD settings of one backbone's local update (made by :mod:`client.privacy_ledger`).
+
+    Attributes
+    ----------
+    noise_multiplier : float
+        Noise std as a multiple of ``max_grad_norm``.
+    max_grad_norm : float
+        Per-sample clipping bound (L2 over all parameters).
+    sample_rate : float
+        Poisson sampling probability of each case per step.
+    steps_per_epoch : int
+        ``round(1 / sample_rate)`` steps make one (expected) pass over the data.
+    accountant : opacus accountant
+        Stepped once per optimiser step (``noise_multiplier``, ``sample_rate``).
+    secret : int
+        The site's secret seed of the sampling and the noise (never sent, never from the run config).
+    """
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps_per_epoch: int
+    accountant: Any
+    secret: int
+
+
+_ENGINE: dict[tuple[Any, ...], str] = {}
+"""Per-sample gradient engine that works for each network shape (probed once per process)."""
+
+
+def _no_inplace(model: nn.Module) -> None:
+    # Opacus' backward hooks forbid in-place changes of a hooked layer's output (ReLU(inplace=True))
+    for m in model.modules():
+        if isinstance(getattr(m, "inplace", None), bool):
+            m.inplace = False
+
+
+def _signature(model: nn.Module) -> tuple[Any, ...]:
+    return (type(model).__qualname__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()))
+
+
+def per_sample_engine(model: nn.Module, example: torch.Tensor) -> str:
+    """``"opacus"`` (Opacus' GradSampleModule hooks) when they follow this network, else ``"functorch"``.
+
+    Opacus' hooks are faster but cannot follow some forwards (an in-place ``out += residual`` on a
+    hooked layer's output in ResNets; parameters used outside a layer, as ViT's class token). The
+    probe runs a copy of the network on two examples and checks every parameter got per-sample
+    gradients; the answer is kept per network shape.
+    """
+    key = _signature(model)
+    if key not in _ENGINE:
+        import copy
+
+        from opacus import GradSampleModule
+
+        probe = copy.deepcopy(model).train()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gsm = GradSampleModule(probe, batch_first=True, loss_reduction="mean")
+                gsm(example[:2]).sum().backward()
+            ok = all(getattr(p, "grad_sample", None) is not None and p.grad_sample.shape[0] == 2
+                     for p in probe.parameters() if p.requires_grad)
+            gsm.to_standard_module()
+        except (RuntimeError, TypeError, NotImplementedError, ValueError) as exc:
+            logger.info("Opacus hooks cannot follow %s (%s); per-sample gradients by torch.func",
+                        type(model).__name__, str(exc).splitlines()[0][:120])
+            ok = False
+        _ENGINE[key] = "opacus" if ok else "functorch"
+    return _ENGINE[key]
+
+
+def _functorch_grad_samples(model: nn.Module, loss_fn: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> None:
+    """Per-sample gradients of ``loss_fn`` by ``torch.func`` (vmap of grad), into ``p.grad_sample``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def one(ps: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, (ps, buffers), (x.unsqueeze(0),)).reshape(-1)
+        return loss_fn(out, y.reshape(1))
+
+    grads = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, xb, yb)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad_sample = grads[n]
+
+
+def clipped_per_sample_norms(model: nn.Module) -> torch.Tensor:
+    """L2 norm over all parameters of each sample's gradient (``p.grad_sample``), shape ``(B,)``."""
+    gs = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in model.parameters()
+          if getattr(p, "grad_sample", None) is not None]
+    return torch.cat(gs, dim=1).norm(2, dim=1)
+
+
+def train_backbone_dp(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs: int, seed: int, dp: DPSGD,
+                      device: torch.device | None = None, global_state: dict[str, torch.Tensor] | None = None,
+                      proximal_mu: float = 0.0, on_step: Any = None) -> TrainStats:
+    """DP-SGD local update of ``model`` in place (Opacus), accounted in ``dp.accountant``.
+
+    Each of the ``epochs * dp.steps_per_epoch`` steps: a Poisson batch (each case with probability
+    ``dp.sample_rate``, from the site's secret), augmentation as without DP (seeded by ``seed``),
+    per-sample gradients of the unweighted BCE (a class weight ``n_neg / n_pos`` would make every
+    case's gradient depend on the others' labels), clipping of each to ``dp.max_grad_norm``, their
+    sum plus N(0, (noise_multiplier * max_grad_norm)^2) noise, divided by the expected batch size.
+    An empty batch still takes a step (noise only), as the analysis assumes. The FedProx gradient
+    ``mu (w - w_global)`` and weight decay depend on no case and are added after the noise.
+
+    Parameters
+    ----------
+    on_step : callable, optional
+        ``on_step(model)`` after Opacus' clipping and noise, before the parameter update: each
+        parameter then holds ``grad_sample`` (per-sample gradients, unclipped), ``summed_grad``
+        (sum of the clipped ones) and ``grad`` (noisy mean). For tests.
+
+    Returns
+    -------
+    TrainStats
+        ``loss_*`` are means of the (pre-noise) batch losses, for the site's own log only: under
+        DP they are not sent to the server.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+        raise ValueError("DP-SGD needs a network without BatchNorm: build it with privacy.dp on "
+                         "(shared.models.run_network), which converts BatchNorm to GroupNorm")
+    device = device or torch.device("cpu")
+    t0 = time.perf_counter()
+    n = len(data)
+    if n == 0:
+        return TrainStats(0, 0, float("nan"), float("nan"), 0.0)
+    model.to(device).train()
+    _no_inplace(model)
+    x_all = torch.from_numpy(data.x)
+    y_all = torch.from_numpy(data.y)
+    engine = per_sample_engine(model, (x_all[:2] if n >= 2 else x_all[[0, 0]]).to(device))
+    wrapped: nn.Module = GradSampleModule(model, batch_first=True, loss_reduction="mean") if engine == "opacus" \
+        else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    noise_gen = torch.Generator(device=device).manual_seed(stable_seed(dp.secret, "noise", seed) % (2 ** 63))
+    sample_gen = torch.Generator().manual_seed(stable_seed(dp.secret, "sample", seed) % (2 ** 63))
+    opt = DPOptimizer(base, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                      expected_batch_size=n * dp.sample_rate, loss_reduction="mean", generator=noise_gen,
+                      secure_mode=True)
+    opt.attach_step_hook(dp.accountant.get_optimizer_hook_fn(sample_rate=dp.sample_rate))
+    loss_fn = nn.BCEWithLogitsLoss()
+    anchors = None
+    if proximal_mu > 0 and global_state is not None:
+        anchors = {k: v.detach().to(device) for k, v in global_state.items()}
+    aug_gen = torch.Generator().manual_seed(seed)
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=dp.sample_rate, generator=sample_gen,
+                                            steps=epochs * dp.steps_per_epoch)
+    losses: list[float] = []
+    total, count, steps = 0.0, 0, 0
+    try:
+        for i, idx in enumerate(sampler):
+            opt.zero_grad(set_to_none=True)
+            if idx:
+                idx_t = torch.as_tensor(idx, dtype=torch.long)
+                xb = augment(x_all[idx_t], cfg, aug_gen).to(device)
+                yb = y_all[idx_t].to(device)
+                if engine == "opacus":
+                    loss = loss_fn(wrapped(xb).reshape(-1), yb)
+                    with warnings.catch_warnings():  # the first layer's input needs no gradient: expected
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                else:
+                    _functorch_grad_samples(model, loss_fn, xb, yb)
+                    with torch.no_grad():
+                        loss = loss_fn(model(xb).reshape(-1), yb)
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            else:  # an empty Poisson batch: a step of noise only
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=device, dtype=p.dtype)
+            if opt.pre_step():  # clip, sum, add noise, scale; steps the accountant
+                if on_step is not None:
+                    on_step(model)
+                if anchors is not None:
+                    with torch.no_grad():
+                        for name, p in model.named_parameters():
+                            if p.grad is not None and name in anchors:
+                                p.grad.add_(p.detach() - anchors[name], alpha=proximal_mu)
+                base.step()
+            steps += 1
+            if (i + 1) % dp.steps_per_epoch == 0:
+                losses.append(total / count if count else float("nan"))
+                total, count = 0.0, 0
+    finally:
+        opt.zero_grad(set_to_none=True)
+        if isinstance(wrapped, GradSampleModule):
+            wrapped.to_standard_module()
+        for p in params:
+            for attr in ("grad_sample", "summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+    model.to("cpu")
+    finite = [v for v in losses if np.isfinite(v)] or [float("nan")]
+    return TrainStats(n, steps, finite[0], finite[-1], time.perf_counter() - t0, losses)
 
 
 @torch.no_grad()

@@ -93,6 +93,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
     """
     from server.evaluation import evaluate_signatures
     from server.orchestrator import Orchestrator, initial_record, load_checkpoint
+    from server.privacy_ledger import record_privacy
     from server.store import RunStore
 
     run_dir = Path(run_dir).resolve()
@@ -121,6 +122,7 @@ def run_pipeline(grid: Any, cfg: RectalFLConfig, run_dir: Path, *, engine: str, 
         t0 = time.perf_counter()
         final = orch.train(arrays, start_round=start, strategy_arrays=strat)
         save_final_model(cfg, run_dir, final, store, run_id, seconds=time.perf_counter() - t0)
+        record_privacy(cfg, run_dir, store, run_id)  # tables/privacy_ledger.csv, DP block of models/final.json
         orch.signatures(final)
         with store.stage(run_id, "evaluate"):
             table = evaluate_signatures(stats_runner(orch), cfg, orch.roles())

@@ -768,6 +768,57 @@ def _disclosure(inp: Inputs) -> str:
     return "".join(parts)
 
 
+def _privacy(run_dir: Path) -> str:
+    """The Privacy section: each site's differential-privacy ledger, the DP settings and the architecture
+    change (``models/final.json``), and where the disclosure-control log is."""
+    parts = []
+    meta: dict[str, Any] = {}
+    try:
+        meta = (json.loads((run_dir / "models" / "final.json").read_text(encoding="utf-8")).get("privacy") or {})
+    except (OSError, ValueError):
+        pass
+    path = run_dir / "tables" / "privacy_ledger.csv"
+    ledger = None
+    if path.is_file():
+        try:
+            ledger = pd.read_csv(path)
+        except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+            ledger = None
+    if not meta.get("dp") and ledger is None:
+        parts.append(_explain(
+            "Differential privacy was off (<code>privacy.dp: false</code>): the trained weights carry no formal "
+            "privacy guarantee; what protected patients is that no image, row or per-patient value left a site, "
+            "and the disclosure control of every statistic (below)."))
+    else:
+        parts.append(_explain(
+            "Every network was trained on site with DP-SGD (Poisson sampling, per-sample gradient clipping, Gaussian "
+            "noise). Each site accounts its own spend (&epsilon; at &delta;) per stage, over all the backbones it "
+            "trains (a patient is in each), and refuses a round that would exceed its own budget. The table is what "
+            "the sites reported after their last round (<code>tables/privacy_ledger.csv</code>); &epsilon; grows with "
+            "every round; smaller is more private. The guarantee covers the weights and everything computed from "
+            "them; the evaluation statistics are protected by disclosure control."))
+        if meta.get("dp"):
+            settings = {k: meta.get(k) for k in ("max_grad_norm", "noise_multiplier", "target_epsilon", "delta",
+                                                  "accountant")}
+            parts.append("<p>Settings: " + ", ".join(f"<code>{html.escape(k)}</code> {html.escape(str(v))}"
+                                                     for k, v in settings.items() if v is not None) + ".</p>")
+            arch = meta.get("architecture_change") or {}
+            if arch.get("summary"):
+                parts.append(f"<p>Architecture change for DP: {html.escape(str(arch['summary']))} (Opacus "
+                             "<code>ModuleValidator.fix</code>: batch normalisation mixes the patients of a batch).</p>")
+        parts.append(_table(ledger, {"site": "Site", "stage": "Stage", "rounds": "Rounds", "epsilon": "epsilon",
+                                     "delta": "delta", "noise_multiplier": "Noise multiplier",
+                                     "max_grad_norm": "Clipping bound", "sample_rate": "Sample rate",
+                                     "accountant": "Accountant"},
+                            {"site": "text", "stage": "text", "rounds": "int", "delta": "g", "noise_multiplier": "g",
+                             "max_grad_norm": "g", "sample_rate": "g", "accountant": "text"},
+                            why="tables/privacy_ledger.csv not found (written at the end of training)"))
+    parts.append("<p>Disclosure control of the statistics: every number a site withheld or coarsened is in the "
+                 "<a href=\"#disclosure\">Disclosure control</a> section and in <code>tables/suppressions.csv</code>."
+                 "</p>")
+    return "".join(parts)
+
+
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1150px;color:#222;
 line-height:1.45;padding:0 1rem}h1{margin-bottom:.2rem}h2{border-bottom:2px solid #0072B2;padding-bottom:.2rem;
@@ -969,6 +1020,7 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
         {"backbone": "text", "site": "text", "split": "text", "n_pos": "int", "n_neg": "int", "bound": "g"},
         why=inp.why("signature_auc"), note=True)))
 
+    sections.append(_section("privacy", "Privacy", _privacy(run_dir)))
     sections.append(_section("disclosure", "Disclosure control", _explain(
         "Every number withheld or coarsened, by which site and why. A withheld number is never replaced by a "
         "guess.") + _disclosure(inp)))

@@ -45,9 +45,43 @@ def print_summary(run_dir: Path, console: Any, seconds: float | None = None) -> 
                                    f"{g.loc[c, 'auc']:.3f} [{g.loc[c, 'auc_lo']:.2f}-{g.loc[c, 'auc_hi']:.2f}]"
                                    for c in cohorts))
         console.print(table)
+    privacy_line(run_dir, console)
     if (run_dir / "report.html").is_file():
         console.print(f"report: {run_dir / 'report.html'}")
     if seconds is not None:
         console.print(f"run directory: {run_dir}  ({seconds:.0f} s)")
     else:
         console.print(f"run directory: {run_dir}")
+
+
+def privacy_line(run_dir: Path, console: Any) -> None:
+    """With differential privacy: the DP-SGD settings, the architecture change and the largest epsilon a site reported."""
+    import json
+
+    try:
+        meta = json.loads((run_dir / "models" / "final.json").read_text()).get("privacy") or {}
+    except (OSError, ValueError):
+        meta = {}
+    ledger = run_dir / "tables" / "privacy_ledger.csv"
+    if not meta.get("dp") and not ledger.is_file():
+        return
+    eps = ""
+    if ledger.is_file():
+        try:
+            t = pd.read_csv(ledger)
+            if len(t) and t["epsilon"].notna().any():
+                worst = t.loc[t["epsilon"].idxmax()]
+                eps = f"; largest epsilon {worst['epsilon']:.2f} ({worst['site']}, delta {worst['delta']:.2g})"
+        except (pd.errors.EmptyDataError, KeyError, ValueError):
+            pass
+    arch = (meta.get("architecture_change") or {}).get("summary")
+    if arch is None:  # a baseline without models/final.json: the change follows from the config
+        try:
+            from server.privacy_ledger import architecture_change
+            from shared.config import load_config
+
+            arch = architecture_change(load_config(run_dir / "config.yaml"))["summary"]
+        except (OSError, ValueError):
+            arch = "see docs/differential_privacy.md"
+    console.print(f"differential privacy: DP-SGD on every site (Opacus); network changed for DP: {arch} "
+                  f"(Opacus ModuleValidator.fix){eps}; ledger: {ledger}")

@@ -232,19 +232,77 @@ class FederationConfig(_Section):
 
 
 class PrivacyConfig(_Section):
+    """Disclosure control of statistics, and differential privacy of every network a site trains.
+
+    With ``dp: true`` each site trains with DP-SGD (Opacus: per-sample gradient clipping at
+    ``max_grad_norm``, Gaussian noise, Poisson sampling), accounts its spend in its own privacy
+    ledger (per run and stage; ``client.privacy_ledger``) and refuses a round that would exceed its
+    own ``policy.epsilon_budget``. Exactly one of ``noise_multiplier`` (fixed noise) or
+    ``target_epsilon`` (noise calibrated on site so that the planned ``federation.rounds`` spend
+    this epsilon) is set. See docs/differential_privacy.md.
+    """
+
     min_cell_count: int = Field(5, ge=1, description="disclosure control: smallest count a summary may describe")
     dp: bool = False
-    """Opacus DP-SGD: not available in this version, so ``true`` is refused when the config is validated."""
-    dp_noise_multiplier: float = Field(1.0, gt=0)
-    dp_max_grad_norm: float = Field(1.0, gt=0)
+    """Train every network with DP-SGD on site (the networks' BatchNorm layers become GroupNorm)."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Per-sample gradient clipping bound C (L2 norm over all parameters)."""
+    noise_multiplier: float | None = Field(None, gt=0)
+    """Gaussian noise std as a multiple of ``max_grad_norm`` (exclusive with ``target_epsilon``)."""
+    target_epsilon: float | None = Field(None, gt=0)
+    """Epsilon each site should reach after the planned rounds; the site calibrates the noise to it."""
+    delta: float | Literal["auto"] = "auto"
+    """``auto``: 1 / (10 n_train) per site (n_train: its training patients); or a number in (0, 1) that
+    each site checks is below 1 / n_train."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Opacus accountant: ``rdp`` (Renyi DP) or ``prv`` (privacy random variables; tighter, slower)."""
 
-    @field_validator("dp")
+    @model_validator(mode="before")
     @classmethod
-    def _no_dp_yet(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("DP-SGD (Opacus) is not available in this version of rectalfl; set privacy.dp: false "
-                             "(every site would otherwise fail its first training round)")
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in (("dp_noise_multiplier", "noise_multiplier"), ("dp_max_grad_norm", "max_grad_norm")):
+                if old in data:
+                    raise ValueError(f"privacy.{old} is now privacy.{new}; rename the key")
+        return data
+
+    @field_validator("delta", mode="before")
+    @classmethod
+    def _delta(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("privacy.delta is missing: give 'auto' (1 / (10 n_train) per site) or a number in (0, 1)")
+        if isinstance(v, str) and v != "auto":
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"privacy.delta must be 'auto' or a number in (0, 1), got {v!r}") from None
+        if not isinstance(v, str) and not (isinstance(v, int | float) and 0.0 < float(v) < 1.0):
+            raise ValueError(f"privacy.delta must be 'auto' or a number in (0, 1), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _dp_settings(self) -> PrivacyConfig:
+        if not self.dp:
+            return self
+        if self.noise_multiplier is not None and self.target_epsilon is not None:
+            raise ValueError(
+                f"privacy.noise_multiplier ({self.noise_multiplier:g}) and privacy.target_epsilon "
+                f"({self.target_epsilon:g}) are both set: give one (a fixed noise, or the epsilon the noise is "
+                "calibrated to), not both")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("privacy.dp is true but neither privacy.noise_multiplier (e.g. 1.0) nor "
+                             "privacy.target_epsilon (e.g. 8) is set: give one of them")
+        return self
+
+    @staticmethod
+    def check_network(backbone: str, slice_size: int) -> None:
+        """Raise ``ValueError`` naming the network when Opacus cannot make it DP-compatible.
+
+        Builds the network once per process (``shared.models.dp_network_changes``).
+        """
+        from shared.models import dp_network_changes
+
+        dp_network_changes(backbone, slice_size)
 
 
 STAGES: tuple[str, ...] = ("describe", "train", "signatures", "stats", "fusion")
@@ -588,7 +646,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"command-line setting {names[dotted]}: {exc}") from None
     if names:
         source += f" with command-line setting(s) {', '.join(names.values())}"
-    return parse_config(data, source, overrides=names)
+    cfg = parse_config(data, source, overrides=names)
+    if cfg.privacy.dp:  # differential privacy: can Opacus train this network? (builds it once per process)
+        try:
+            PrivacyConfig.check_network(cfg.train.backbone, cfg.preprocess.slice_size)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: 1 invalid setting(s)\n  - train.backbone = "
+                              f"{json.dumps(cfg.train.backbone)}: {exc}") from None
+    return cfg
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -19,6 +19,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from monai.networks import nets
@@ -158,8 +159,7 @@ def training_seed(cfg: RectalFLConfig) -> int:
 def initial_states(cfg: RectalFLConfig) -> dict[str, OrderedDict[str, torch.Tensor]]:
     """The same seeded initial weights for every backbone, on any machine (server and sites agree)."""
     return {
-        key: OrderedDict(build_model(cfg.train.backbone, cfg.preprocess.slice_size,
-                                     seed=stable_seed(training_seed(cfg), "init", key)).state_dict())
+        key: OrderedDict(run_network(cfg, seed=stable_seed(training_seed(cfg), "init", key)).state_dict())
         for key in signature_keys(cfg)
     }
 
@@ -170,7 +170,7 @@ def models_from_states(cfg: RectalFLConfig, states: dict[str, OrderedDict[str, t
 
     models = {}
     for key, sd in states.items():
-        m = build_model(cfg.train.backbone, cfg.preprocess.slice_size)
+        m = run_network(cfg)
         missing, unexpected = m.load_state_dict(sd, strict=False)
         bad = [k for k in missing if not is_local_only(k)] + list(unexpected)
         if bad:
@@ -178,3 +178,92 @@ def models_from_states(cfg: RectalFLConfig, states: dict[str, OrderedDict[str, t
                              f"missing/unexpected {bad[:5]}{'...' if len(bad) > 5 else ''}")
         models[key] = m
     return models
+
+
+# --------------------------------------------------------------------------- differential privacy (issue 16)
+
+
+def run_network(cfg: RectalFLConfig, *, seed: int | None = None) -> nn.Module:
+    """The run's backbone network: :func:`build_model`, made DP-compatible when ``privacy.dp`` is on.
+
+    Server and sites call this (through :func:`initial_states` / :func:`models_from_states`), so
+    every side agrees on the architecture: with DP, Opacus' ``ModuleValidator.fix`` replaces
+    BatchNorm by GroupNorm deterministically (see :func:`dp_compatible`).
+    """
+    model = build_model(cfg.train.backbone, cfg.preprocess.slice_size, seed=seed)
+    return dp_compatible(model)[0] if cfg.privacy.dp else model
+
+
+def dp_compatible(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Opacus' standard conversion of a network for DP-SGD, and what it changed.
+
+    ``ModuleValidator.fix`` replaces every BatchNorm by a GroupNorm (``gcd(32, channels)`` groups;
+    BatchNorm mixes the patients of a batch, so per-sample gradients would not be per sample) and
+    drops running statistics of InstanceNorm; then the result is validated.
+
+    Returns
+    -------
+    model : nn.Module
+        A converted copy (the input is left as it was).
+    changes : list of str
+        ``"<layer>: BatchNorm2d(16) -> GroupNorm(16, 16)"`` per replaced layer.
+
+    Raises
+    ------
+    ValueError
+        When the converted network still has layers Opacus cannot train privately (named).
+    """
+    from opacus.validators import ModuleValidator
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    quiet = [logging.getLogger(n) for n in ("opacus.validators.module_validator", "opacus.validators.batch_norm")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        before = dict(model.named_modules())
+        was_training = model.training
+        fixed = ModuleValidator.fix(model.train())
+        model.train(was_training)
+        problems = [f"{type(e).__name__}: {e}" for e in ModuleValidator.validate(fixed.train(), strict=False)]
+    finally:
+        for q, lv in zip(quiet, levels, strict=True):
+            q.setLevel(lv)
+    for name, m in fixed.named_modules():
+        # Opacus fixes exact types only: a subclass of BatchNorm (or a norm keeping running statistics) is left
+        if isinstance(m, _BatchNorm) or (isinstance(m, _InstanceNorm) and m.track_running_stats):
+            problems.append(f"layer {name or '<root>'} ({type(m).__name__}) normalises over the batch and Opacus "
+                            "has no replacement for it")
+    if problems:
+        raise ValueError("Opacus cannot make this network differentially private: " + "; ".join(problems[:5]))
+    changes = [f"{name}: {_short(before[name])} -> {_short(m)}" for name, m in fixed.named_modules()
+               if name in before and type(before[name]) is not type(m)]
+    return fixed, changes
+
+
+def _short(m: nn.Module) -> str:
+    if isinstance(m, nn.GroupNorm):
+        return f"GroupNorm({m.num_groups} groups, {m.num_channels} channels)"
+    n = getattr(m, "num_features", None)
+    return f"{type(m).__name__}({n})" if n is not None else type(m).__name__
+
+
+@lru_cache(maxsize=16)
+def dp_network_changes(name: str, slice_size: int) -> tuple[str, ...]:
+    """The layers :func:`dp_compatible` changes in network ``name`` (built once per process).
+
+    Raises
+    ------
+    ValueError
+        Naming the network, when it is unknown or Opacus cannot make it DP-compatible.
+    """
+    try:
+        model = build_model(name, slice_size)
+    except KeyError as exc:
+        raise ValueError(str(exc).strip('"')) from None
+    try:
+        return tuple(dp_compatible(model)[1])
+    except ValueError as exc:
+        raise ValueError(f"network {name!r} cannot be trained with privacy.dp: {exc}; choose another "
+                         f"train.backbone or set privacy.dp: false") from None

@@ -497,6 +497,7 @@ def _train_group(cfg: RectalFLConfig, store: Any, run_id: str, run_dir: Path, mo
     optimiser from the previous epoch's weights, so continuing from a checkpoint gives the same
     weights as never stopping.
     """
+    from client.algorithm import baseline_privacy
     from client.train import train_backbone
     from shared.models import initial_states, models_from_states, stable_seed, training_seed
     from shared.records import flatten_states, unflatten_states
@@ -517,6 +518,11 @@ def _train_group(cfg: RectalFLConfig, store: Any, run_id: str, run_dir: Path, mo
     keys = algos[members[0]].keys
     data = {key: _group_data(algos, members, key) for key in keys} if start < total else {}
     who = "+".join(members)
+    privacy = baseline_privacy(cfg, [algos[m] for m in members], model_name)  # DP: None when off
+    dps = {key: privacy.dp(key, len(data[key])) for key in data} if privacy is not None else {}
+    for key, dp in dps.items():  # DP: a resumed baseline's accountant first takes the epochs already trained
+        for _ in range(start * (dp.steps_per_epoch if dp is not None else 0)):
+            dp.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
     with store.stage(run_id, stage) as detail:
         detail.update(members=members, epochs=total, start_epoch=start)
         for epoch in range(start + 1, total + 1):
@@ -525,7 +531,8 @@ def _train_group(cfg: RectalFLConfig, store: Any, run_id: str, run_dir: Path, mo
             metrics: dict[str, float] = {}
             for key in keys:
                 stats = train_backbone(models[key], data[key], cfg.train, epochs=1,
-                                       seed=stable_seed(training_seed(cfg), model_name, key, epoch))
+                                       seed=stable_seed(training_seed(cfg), model_name, key, epoch),
+                                       dp=dps.get(key))
                 metrics[f"{key}/train-loss"] = stats.loss_last_epoch
                 metrics[f"{key}/n"] = float(stats.n_examples)
             final = {k: OrderedDict(m.state_dict()) for k, m in models.items()}
@@ -542,6 +549,8 @@ def _train_group(cfg: RectalFLConfig, store: Any, run_id: str, run_dir: Path, mo
                                seconds=time.perf_counter() - t0)
             logger.info("%s epoch %d/%d: mean train loss %.4f, %.1f s", model_name, epoch, total,
                         float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
+        if privacy is not None:  # DP: the baseline's epsilon, in the run record like a site's
+            store.log_metrics(run_id, stage, who, privacy.finish())
     return {k: OrderedDict(m.state_dict()) for k, m in models.items()}
 
 
@@ -654,6 +663,7 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
     from client.algorithm import SiteAlgorithm
     from server.evaluation import evaluate_signatures
     from server.pipeline import mark_interrupted, prepare_run_dir, save_final_model, write_table
+    from server.privacy_ledger import record_privacy
     from server.store import RunStore
     from shared.records import states_to_record
     from simulations.sites import inprocess_stats_runner
@@ -703,6 +713,7 @@ def run_baseline(cfg: RectalFLConfig, run_dir: Path, sites: list[dict], external
         write_table(table, run_dir / "tables" / "signature_auc.csv", store, run_id, run_dir)
         if cfg.fusion.enabled:
             _write_reports(store, run_id, run_dir, list(groups) if mode == "local" else [])
+        record_privacy(cfg, run_dir, store, run_id)  # DP: tables/privacy_ledger.csv
         store.finish_run(run_id, "completed")
         return table
     except KeyboardInterrupt as exc:
