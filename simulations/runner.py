@@ -520,7 +520,7 @@ def _train_group(cfg: RectalFLConfig, store: Any, run_id: str, run_dir: Path, mo
     who = "+".join(members)
     privacy = baseline_privacy(cfg, [algos[m] for m in members], model_name)  # DP: None when off
     dps = {key: privacy.dp(key, len(data[key])) for key in data} if privacy is not None else {}
-    for key, dp in dps.items():  # DP: a resumed baseline's accountant first takes the epochs already trained
+    for dp in dps.values():  # DP: a resumed baseline's accountant first takes the epochs already trained
         for _ in range(start * (dp.steps_per_epoch if dp is not None else 0)):
             dp.accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate)
     with store.stage(run_id, stage) as detail:
