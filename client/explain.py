@@ -30,18 +30,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
 import typer
-from torch import nn
 
 from shared.cli import ConfigOpt, JsonOpt, console, fail, out
 from shared.config import ConfigError, RectalFLConfig, load_config
-from shared.models import build_model, model_spec
+
+if TYPE_CHECKING:  # torch, MONAI and pandas load when a map is made, so the `rectalfl` command starts fast
+    import numpy as np
+    import pandas as pd
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +56,25 @@ class ExplainError(RuntimeError):
 # --------------------------------------------------------------------------- saliency maps
 
 
-class _Signed(nn.Module):
-    """One logit, times +1 (explain "good response") or -1 (explain "poor response") per sample."""
+def _signed(model: nn.Module, sign: torch.Tensor) -> nn.Module:
+    """``model``'s one logit times +1 (explain "good response") or -1 (explain "poor response") per sample."""
+    from torch import nn
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.sign: torch.Tensor | None = None
+    class Signed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logit = self.model(x).reshape(x.shape[0], 1)
-        return logit if self.sign is None else logit * self.sign
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x).reshape(x.shape[0], 1) * sign
+
+    return Signed()
 
 
 def _normalise(maps: torch.Tensor) -> np.ndarray:
     """``(B, H, W)`` -> each map scaled to [0, 1]; a map without positive evidence stays all zeros."""
+    import torch
+
     m = torch.nan_to_num(maps.detach().float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     flat = m.reshape(m.shape[0], -1)
     lo = flat.min(dim=1).values[:, None, None]
@@ -99,15 +103,13 @@ def grad_cam(model: nn.Module, layer: str, x: torch.Tensor, sign: torch.Tensor) 
 
     if layer not in dict(model.named_modules()):
         raise ValueError(f"Grad-CAM layer {layer!r} not found in {type(model).__name__}")
-    wrapped = _Signed(model)
-    wrapped.sign = sign.reshape(-1, 1).to(x.dtype)
+    wrapped = _signed(model, sign.reshape(-1, 1).to(x.dtype))
     cam = GradCAM(nn_module=wrapped, target_layers=f"model.{layer}", postprocessing=lambda m: m)
     # the input takes part in the graph so that full backward hooks on early layers fire normally
     maps = cam(x.detach().clone().requires_grad_(True), class_idx=0)  # (B, 1, S, S), upsampled by MONAI
     return _normalise(maps[:, 0])
 
 
-@torch.no_grad()
 def attention_rollout(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     """Attention rollout of a registry ViT: the class token's attention to each patch through every block.
 
@@ -118,6 +120,9 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     -------
     ndarray of shape (B, S, S), float in [0, 1]
     """
+    import torch
+    import torch.nn.functional as F
+
     vit = getattr(model, "vit", None)
     if vit is None or not hasattr(vit, "blocks"):
         raise ValueError(f"attention rollout needs a registry ViT, got {type(model).__name__}")
@@ -128,7 +133,8 @@ def attention_rollout(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     try:
         for a in attns:
             a.save_attn = True
-        model(x)
+        with torch.no_grad():
+            model(x)
         mats = [a.att_mat.mean(dim=1) for a in attns]  # (B, N+1, N+1) each
     finally:
         for a, s in zip(attns, saved, strict=True):
@@ -161,6 +167,10 @@ def saliency(network: str, model: nn.Module, x: torch.Tensor) -> tuple[np.ndarra
     maps : ndarray of shape (B, S, S) in [0, 1]
     prob : ndarray of shape (B,), probability of a good response
     """
+    import torch
+
+    from shared.models import model_spec
+
     spec = model_spec(network)
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"slices must have shape (B, 1, S, S), got {tuple(x.shape)}")
@@ -177,6 +187,8 @@ def saliency(network: str, model: nn.Module, x: torch.Tensor) -> tuple[np.ndarra
 
 def mass_inside(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Share of each map's total inside its tumour mask, shape (B,); NaN for an all-zero map or empty mask."""
+    import numpy as np
+
     total = maps.reshape(len(maps), -1).sum(axis=1)
     inside = (maps * (masks > 0)).reshape(len(maps), -1).sum(axis=1)
     has_mask = (masks > 0).reshape(len(masks), -1).any(axis=1)
@@ -207,6 +219,9 @@ def load_run_models(run_dir: Path, config: Path | None = None, backbones: Sequen
     ExplainError
         When a file is missing or the weights do not fit the network named in ``final.json``.
     """
+    import numpy as np
+
+    from shared.models import build_model
     from shared.records import unflatten_states
 
     run_dir = Path(run_dir)
@@ -259,6 +274,8 @@ def choose_patients(labels: pd.Series, splits: pd.Series, available: set[str], p
     splits : Series of split names indexed by patient_id (``test``/``external`` come first, then ``val``, ``train``)
     available : patient ids with at least one cached slice
     """
+    import numpy as np
+
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}")
     rng = np.random.default_rng(seed)
@@ -317,6 +334,10 @@ table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #ddd;padd
 
 
 def _page(site: str, runs: RunModels, rows: pd.DataFrame, cards: dict[str, list[str]]) -> str:
+    import numpy as np
+
+    from shared.models import model_spec
+
     e = html.escape
     method = {"gradcam": f"Grad-CAM (MONAI GradCAM) on layer <code>{e(str(model_spec(runs.network).cam_layer))}</code>",
               "rollout": "attention rollout through every transformer block"}[model_spec(runs.network).cam_method]
@@ -367,9 +388,14 @@ def explain_site(run_dir: Path, site_dir: Path, cache_dir: Path, *, config: Path
     -------
     ExplainResult
     """
+    import numpy as np
+    import pandas as pd
+    import torch
+
     from client.preprocess import load_manifest, load_slice
     from client.train import assign_splits
     from shared.cohort import CohortError, load_patients
+    from shared.models import model_spec
 
     runs = load_run_models(run_dir, config, backbones)
     cfg = runs.cfg

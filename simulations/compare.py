@@ -20,7 +20,8 @@ What a row holds and where it comes from:
   deep-learning model (FDL, every signature of that architecture) in the run's
   ``tables/table3_performance.csv``, i.e. the federated statistics engine of the run itself;
 * ``parameters``: of one backbone network (a run trains one per sequence x timepoint);
-* ``seconds_per_round``, ``bytes_per_round`` (down + up, all sites): the run record's ``rounds`` table;
+* ``seconds_per_round`` (median over the training rounds), ``bytes_per_round`` (mean, down + up, all
+  sites): the run record's ``rounds`` table;
 * ``p_vs_best``: the paired DeLong test against the architecture with the best internal-test AUC
   (of the same seed), on the same patients. Each simulated site keeps a copy of every run's
   per-patient scores in its own cache (``<cache>/compare/<compare-id>/<run>/``) and the test runs as
@@ -39,14 +40,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import pandas as pd
 import typer
 
 from shared.cli import JsonOpt, WorkersOpt, console, fail, load, out
 from shared.config import ConfigError, RectalFLConfig, parse_config
+
+if TYPE_CHECKING:  # numpy and pandas load when a comparison runs, so the `rectalfl` command starts fast
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,8 @@ def _snapshots_complete(sites: list[dict], compare_id: str, label: str) -> bool:
 def site_score_table(cache_dir: Path, compare_id: str, labels: Sequence[str]) -> pd.DataFrame:
     """One site's table for the cross-architecture tests: ``patient_id, split, label`` and one
     ``FDL@<run>`` column per run (that run's fusion score of each patient). Read on site, never sent."""
+    import pandas as pd
+
     base: pd.DataFrame | None = None
     for label in labels:
         d = snapshot_dir(cache_dir, compare_id, label)
@@ -181,6 +185,8 @@ def paired_delong(tables: Mapping[str, pd.DataFrame], pairs: Sequence[tuple[str,
     -------
     dict (column_a, column_b) -> {"auc_a", "auc_b", "diff", "p", "note"}
     """
+    import numpy as np
+
     from shared.queries import Query, local_transport, run_queries
     from shared.stats import ROCProtocol
 
@@ -204,6 +210,9 @@ def paired_delong(tables: Mapping[str, pd.DataFrame], pairs: Sequence[tuple[str,
 
 def run_rows(info: RunInfo, slice_size: int) -> list[dict[str, Any]]:
     """The FDL row of each cohort of one run, with its parameters, per-round cost and timing."""
+    import numpy as np
+    import pandas as pd
+
     from server.store import RunStore
     from shared.models import build_model, count_parameters, model_spec
 
@@ -217,7 +226,8 @@ def run_rows(info: RunInfo, slice_size: int) -> list[dict[str, Any]]:
     spec = model_spec(info.backbone)
     base = {"backbone": info.backbone, "family": spec.family, "seed": info.seed_index, "run": info.label,
             "parameters": count_parameters(build_model(info.backbone, slice_size)),
-            "seconds_per_round": float(rounds["seconds"].mean()) if len(rounds) else np.nan,
+            # median: the first round also pays the simulated sites' process start-up
+            "seconds_per_round": float(rounds["seconds"].median()) if len(rounds) else np.nan,
             "bytes_per_round": float(per_round_bytes.mean()) if len(rounds) else np.nan,
             "rounds": len(rounds), "run_seconds": info.seconds}
     rows = []
@@ -238,6 +248,8 @@ def run_rows(info: RunInfo, slice_size: int) -> list[dict[str, Any]]:
 
 def signature_rows(info: RunInfo) -> pd.DataFrame:
     """Pooled per-sequence signature AUCs of one run (``tables/signature_auc.csv``)."""
+    import pandas as pd
+
     path = info.run_dir / "tables" / "signature_auc.csv"
     if not path.is_file():
         return pd.DataFrame()
@@ -262,6 +274,8 @@ def compare_tables(rows: pd.DataFrame, site_tables: Mapping[str, pd.DataFrame], 
     The reference is the architecture with the best internal-test AUC of the same seed (so the
     external cohort never chooses its own reference).
     """
+    import numpy as np
+
     train_sites = sorted(s for s, r in roles.items() if r == "train")
     ext_sites = sorted(s for s, r in roles.items() if r == "external")
     cohort_sites = {"internal_test": train_sites, "external": ext_sites}
@@ -292,6 +306,8 @@ def compare_tables(rows: pd.DataFrame, site_tables: Mapping[str, pd.DataFrame], 
 
 def summary_over_seeds(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """Mean and SD over seeds of each architecture's numbers, per cohort."""
+    import pandas as pd
+
     parts = []
     for cohort, t in tables.items():
         g = t.groupby(["backbone", "family"], sort=False)
@@ -393,6 +409,8 @@ def _run_completed(run_dir: Path) -> bool:
 
 
 def _recorded_seconds(compare_dir: Path, label: str) -> float:
+    import numpy as np
+
     p = compare_dir / "compare.json"
     if p.is_file():
         for r in json.loads(p.read_text()).get("runs", []):
@@ -404,6 +422,8 @@ def _recorded_seconds(compare_dir: Path, label: str) -> float:
 def write_comparison(compare_dir: Path, infos: Sequence[RunInfo], sites: list[dict], roles: Mapping[str, str],
                      cfg: RectalFLConfig) -> dict[str, pd.DataFrame]:
     """Tables (per cohort, summary, signatures) and ``compare.html`` from the finished runs."""
+    import pandas as pd
+
     from simulations.compare_report import build_compare_report
 
     rows = pd.DataFrame([r for info in infos for r in run_rows(info, cfg.preprocess.slice_size)])
@@ -443,6 +463,9 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """Train each architecture by federation on the same simulated sites, splits and seeds, and compare them."""
+    import numpy as np
+    import pandas as pd
+
     try:
         names = parse_backbones(backbones)
         cfg = load(config)
@@ -464,6 +487,7 @@ def compare(
 
 
 def _print_tables(tables: Mapping[str, pd.DataFrame]) -> None:
+    import numpy as np
     from rich.table import Table
 
     def f(v: Any, d: int = 3) -> str:

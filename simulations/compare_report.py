@@ -169,8 +169,8 @@ def build_compare_report(compare_dir: Path | str) -> Path:
              "architecture. AUC with DeLong 95% CI, accuracy, sensitivity, specificity and F1 come from each run's "
              "federated evaluation (its <code>tables/table3_performance.csv</code>); the p-value is the paired "
              "DeLong test against the reference (the best internal-test AUC of the same seed), run by the federated "
-             "statistics engine over the sites' own scores. Seconds and bytes per round are from each run record "
-             f"(training rounds; bytes down + up, all sites). Made {datetime.now(UTC).isoformat(timespec='seconds')}."
+             "statistics engine over the sites' own scores. Seconds (median) and bytes (mean) per round are from each "
+             f"run record (training rounds; bytes down + up, all sites). Made {datetime.now(UTC).isoformat(timespec='seconds')}."
              "</p>"]
     if fig is not None:
         data = base64.b64encode(fig.read_bytes()).decode("ascii")
