@@ -374,13 +374,14 @@ def compare_backbones(cfg: RectalFLConfig, backbones: Sequence[str], *, seeds: i
     spec = {"compare_id": compare_id, "base_config": cfg.name, "config_digest": cfg.digest(), "backbones": names,
             "seeds": seeds, "rounds": rounds or cfg.federation.rounds, "model": MODEL,
             "slice_size": cfg.preprocess.slice_size, "sites": roles, "runs": []}
+    previous = _previous_seconds(compare_dir)  # read before compare.json is rewritten below
     infos: list[RunInfo] = []
     for (b, i), rcfg in configs.items():
         info = RunInfo(b, i, compare_dir / "runs" / f"{b}-s{i}")
         done = _run_completed(info.run_dir) and _snapshots_complete(sites, compare_id, info.label)
         if done:
             info.reused = True
-            info.seconds = _recorded_seconds(compare_dir, info.label)
+            info.seconds = previous.get(info.label) or _recorded_duration(info.run_dir)
             say(f"{info.label}: already finished, kept")
         else:
             resume = (info.run_dir / "run.db").is_file() and (info.run_dir / "config.yaml").is_file()
@@ -391,7 +392,8 @@ def compare_backbones(cfg: RectalFLConfig, backbones: Sequence[str], *, seeds: i
             snapshot_site_tables(sites, compare_id, info.label)
         infos.append(info)
         spec["runs"].append({"run": info.label, "backbone": b, "seed_index": i, "train_seed": rcfg.train.seed,
-                             "seconds": round(info.seconds, 2), "reused": info.reused,
+                             "seconds": round(info.seconds, 2) if info.seconds == info.seconds else None,
+                             "reused": info.reused,
                              "run_dir": f"runs/{info.run_dir.name}"})
         (compare_dir / "compare.json").write_text(json.dumps(spec, indent=2))
     write_comparison(compare_dir, infos, sites, roles, cfg)
@@ -408,15 +410,25 @@ def _run_completed(run_dir: Path) -> bool:
     return bool(len(runs)) and runs["status"].iloc[0] == "completed"
 
 
-def _recorded_seconds(compare_dir: Path, label: str) -> float:
-    import numpy as np
-
+def _previous_seconds(compare_dir: Path) -> dict[str, float]:
+    """Wall time of each run measured by an earlier invocation (``compare.json``), by run label."""
     p = compare_dir / "compare.json"
-    if p.is_file():
-        for r in json.loads(p.read_text()).get("runs", []):
-            if r.get("run") == label:
-                return float(r.get("seconds", np.nan))
-    return float("nan")
+    if not p.is_file():
+        return {}
+    return {r["run"]: float(r["seconds"]) for r in json.loads(p.read_text()).get("runs", [])
+            if r.get("seconds") is not None}
+
+
+def _recorded_duration(run_dir: Path) -> float:
+    """The run record's own start-to-finish time (without the simulation engine's start-up)."""
+    import pandas as pd
+
+    from server.store import RunStore
+
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        r = store.runs().iloc[0]
+    t = pd.to_datetime([r["created_at"], r["finished_at"]], utc=True)
+    return float((t[1] - t[0]).total_seconds())
 
 
 def write_comparison(compare_dir: Path, infos: Sequence[RunInfo], sites: list[dict], roles: Mapping[str, str],

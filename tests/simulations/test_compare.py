@@ -194,6 +194,9 @@ def test_command_continues_a_finished_comparison(compared) -> None:
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout[res.stdout.index("{"):])
     assert set(info["tables"]) == set(COHORTS)
-    assert all(r["reused"] for r in json.loads((target / "compare.json").read_text())["runs"])
+    runs = json.loads((target / "compare.json").read_text())["runs"]
+    assert all(r["reused"] for r in runs)
+    assert all(r["seconds"] > 0 for r in runs)  # the first invocation's timings are kept
+    assert (pd.read_csv(target / "tables" / "compare_external.csv")["run_seconds"] > 0).all()
     bad = CliRunner().invoke(app, ["compare", "--config", str(cfg_path), "--backbones", "densenet12"])
     assert bad.exit_code == 2 and "available" in bad.output
