@@ -306,7 +306,7 @@ def _png(image: np.ndarray, mask: np.ndarray, cam: np.ndarray, title: str) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(4.2, 2.3), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(4.2, 2.45), dpi=110)
     for ax in axes:
         ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_xticks([])
@@ -316,7 +316,7 @@ def _png(image: np.ndarray, mask: np.ndarray, cam: np.ndarray, title: str) -> st
     axes[1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="bilinear")
     axes[0].set_title("slice + tumour", fontsize=8)
     axes[1].set_title(title, fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.6)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
