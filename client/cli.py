@@ -337,10 +337,13 @@ def _killpg(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _register_audit() -> None:
+def _register_site_views() -> None:
+    """What a site looks at on its own machine: what left it (``audit``), what the networks see (``explain``)."""
     from client.audit import audit
+    from client.explain import explain
 
     site_app.command("audit")(audit)
+    site_app.command("explain")(explain)
 
 
-_register_audit()
+_register_site_views()

@@ -1,9 +1,10 @@
 """The ``rectalfl`` command: one small composition of each side's own command group.
 
-- hospital (``client.cli``): ``site check``, ``site preprocess``, ``site join``, ``site audit``;
+- hospital (``client.cli``): ``site check``, ``site preprocess``, ``site join``, ``site audit``,
+  ``site explain``;
 - operator (``server.cli``, ``server.dashboard.cli``): ``certs``, ``server start``, ``run``, ``report``,
   ``dashboard``;
-- simulation (``simulations.cli``): ``synth``, ``simulate``, ``demo``;
+- simulation (``simulations.cli``, ``simulations.compare``): ``synth``, ``simulate``, ``demo``, ``compare``;
 - both (``shared.cli``): ``config validate``, ``config show``.
 
 Nothing else lives here: a reader who wants what a hospital runs opens ``client/``, what the
@@ -34,6 +35,7 @@ from server.dashboard.cli import dashboard  # noqa: E402
 from shared.cli import config_app, console, setup_logging  # noqa: E402
 from shared.interrupt import Interrupted, raise_on_signals  # noqa: E402
 from simulations.cli import demo, simulate, synth  # noqa: E402
+from simulations.compare import compare  # noqa: E402
 
 app = typer.Typer(
     name="rectalfl",
@@ -54,6 +56,7 @@ app.add_typer(config_app, name="config")
 app.command()(synth)
 app.command()(demo)
 app.command()(simulate)
+app.command()(compare)
 app.command()(report)
 app.add_typer(certs_app, name="certs")
 app.add_typer(server_app, name="server")

@@ -196,6 +196,10 @@ class TrainConfig(_Section):
     seed: int | None = Field(None, ge=0)
     """Seed of weight initialisation and local updates; null uses the run's ``seed`` (which also fixes
     the synthetic cohort and the splits), so repeated training on the same data is one key away."""
+    pretrained_path: Path | None = None
+    """Local weights the backbones start from instead of the seeded initialisation: a state dict of the
+    registry network (``.pt``/``.pth``) or an ``.npz`` (a run's ``models/final.npz`` gives each backbone
+    its own). Read where the initial model is made (the server); nothing is ever downloaded."""
 
     @field_validator("backbone")
     @classmethod
