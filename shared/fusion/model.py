@@ -3,9 +3,10 @@
 Two ways to turn the RBF kernel ``k(x, x') = exp(-gamma |x - x'|^2)`` (on pooled-standardised
 inputs) into a finite feature map that sites can sum over:
 
-* ``"landmarks"`` (default): a Nystrom map on ``m`` landmarks that are *not patients*: a
+* ``"landmarks"``: a Nystrom map on ``m`` landmarks that are *not patients*: points of a
   shifted Halton sequence (a fixed low-discrepancy grid, shifted by the seed) pushed through the
-  normal quantile function, i.e. a quasi-random sample of ``N(0, I)`` in standardised units.
+  pooled marginal quantiles (:func:`quantile_landmarks`, from k-merged histograms) or through the
+  normal quantile function (:func:`landmarks`, no data at all), in standardised units.
   ``phi(x) = K_LL^{-1/2} k_L(x)`` (eigen-decomposition, tiny eigenvalues dropped), so
   ``phi(x) . phi(x')`` is the kernel projected on the span of the landmarks, and the fitted
   decision function is a kernel expansion on the landmarks:
@@ -15,7 +16,7 @@ inputs) into a finite feature map that sites can sum over:
   ``z(x) = sqrt(2/D) cos(x W + b)``, ``W = sqrt(2 gamma) Omega``, ``Omega ~ N(0, 1)``,
   ``b ~ U(0, 2 pi)``: an unbiased but noisy approximation (kept for comparison).
 
-Both maps are derived from the protocol's seed alone, the same on every site, and ``|phi(x)| <= 1``
+Every site derives the same map (from the seed and the pooled totals), and ``|phi(x)| <= 1``
 (Nystrom: a projection of ``k(x, .)``; RFF: ``<= sqrt(2)``).
 """
 
@@ -69,13 +70,55 @@ def landmarks(n_features: int, m: int, seed: int) -> np.ndarray:
     bases 2, 3, 5, ... are shifted modulo 1 by a seed-derived vector (Cranley-Patterson
     rotation) and mapped through the normal quantile function.
     """
+    return ndtri(np.clip(halton(n_features, m, seed), 1e-6, 1 - 1e-6))
+
+
+def halton(n_features: int, m: int, seed: int) -> np.ndarray:
+    """Points ``1..m`` of the Halton sequence in bases 2, 3, 5, ..., shifted modulo 1 by a vector
+    drawn from the seed (Cranley-Patterson rotation): shape (m, n_features), values in [0, 1)."""
     if not 1 <= n_features <= len(_PRIMES):
         raise ValueError(f"landmarks: 1 <= n_features <= {len(_PRIMES)}, got {n_features}")
     idx = np.arange(1, m + 1, dtype=np.int64)
     u = np.column_stack([_radical_inverse(idx, p) for p in _PRIMES[:n_features]])
-    shift = _seed_rng(seed, "landmarks").uniform(size=n_features)
-    u = np.mod(u + shift, 1.0)
-    return ndtri(np.clip(u, 1e-6, 1 - 1e-6))
+    return np.mod(u + _seed_rng(seed, "landmarks").uniform(size=n_features), 1.0)
+
+
+def quantile_landmarks(u: np.ndarray, cells: Sequence[Sequence[tuple[int, int]]], counts: np.ndarray,
+                       points: np.ndarray) -> np.ndarray:
+    """Landmarks at the pooled marginal quantiles ``u`` of each column, from merged grid cells only.
+
+    Column ``j``'s released cells ``cells[j]`` (half-open ranges of grid bins, each holding 0 or
+    >= k patients) are treated as point masses at their mean (the count-weighted mean of the grid
+    points in the cell: a mean over >= k patients at grid resolution); landmark ``i`` has
+    coordinate ``F_j^-1(u[i, j])`` of that discrete distribution. So the landmarks follow the pooled
+    marginals (binary and discrete columns get landmarks at their values, at grid resolution), the
+    dependence between columns comes from the quasi-random points, never from a patient, and a
+    patient moving inside its cell moves a landmark by at most its share of the cell mean.
+    Duplicate rows are dropped.
+
+    Parameters
+    ----------
+    u : ndarray of shape (m, d)
+        Quasi-random points in [0, 1) (:func:`halton`).
+    cells : list (d) of lists of (start, stop)
+    counts : ndarray of shape (d, n_bins)
+        Pooled counts per grid bin.
+    points : ndarray of shape (n_bins,)
+        Grid points (bin centres).
+
+    Returns
+    -------
+    ndarray of shape (m', d), m' <= m
+    """
+    m, d = u.shape
+    out = np.empty((m, d))
+    for j in range(d):
+        cj = [(a, b) for a, b in cells[j] if counts[j, a:b].sum() > 0]
+        mass = np.array([counts[j, a:b].sum() for a, b in cj], dtype=np.float64)
+        means = np.array([points[a:b] @ counts[j, a:b] for a, b in cj]) / mass
+        cdf = np.cumsum(mass) / mass.sum()
+        out[:, j] = means[np.clip(np.searchsorted(cdf, u[:, j], side="right"), 0, len(cj) - 1)]
+    return np.unique(out, axis=0)
 
 
 def rff_basis(n_features: int, n_components: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,24 +148,37 @@ def nystrom_transform(centres: np.ndarray, gamma: float) -> np.ndarray:
 
 
 class FeatureMap:
-    """The feature map of one protocol instance: ``features(xs, gamma_index)`` for standardised rows.
+    """A kernel feature map: ``features(xs, g)`` of standardised rows for gamma index ``g``.
 
     Parameters
     ----------
     kernel : {"landmarks", "rff"}
-    n_features, n_components, seed : int
     gammas : sequence of float
+    basis : ndarray
+        Landmarks (m, d) for ``"landmarks"``; unit frequencies (d, D) for ``"rff"``.
+    offset : ndarray of shape (D,), optional
+        Random Fourier offsets (``"rff"`` only).
     """
 
-    def __init__(self, kernel: str, n_features: int, n_components: int, seed: int, gammas: Sequence[float]) -> None:
+    def __init__(self, kernel: str, gammas: Sequence[float], basis: np.ndarray,
+                 offset: np.ndarray | None = None) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.kernel, self.gammas = kernel, [float(g) for g in gammas]
+        self.basis = np.asarray(basis, dtype=np.float64)
+        self.offset = np.zeros(0) if offset is None else np.asarray(offset, dtype=np.float64)
+        if kernel == "rff" and self.offset.size != self.basis.shape[1]:
+            raise ValueError("random Fourier features need one offset per frequency")
         self._T: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_seed(cls, kernel: str, n_features: int, n_components: int, seed: int,
+                  gammas: Sequence[float]) -> FeatureMap:
+        """Grid landmarks (:func:`landmarks`) or random Fourier features drawn from the seed alone."""
         if kernel == "landmarks":
-            self.basis, self.offset = landmarks(n_features, n_components, seed), np.zeros(0)
-        else:
-            self.unit, self.offset = rff_basis(n_features, n_components, seed)
+            return cls(kernel, gammas, landmarks(n_features, n_components, seed))
+        unit, offset = rff_basis(n_features, n_components, seed)
+        return cls(kernel, gammas, unit, offset)
 
     def dim(self, g: int) -> int:
         """Feature dimension for gamma index ``g`` (landmarks: the retained eigen-directions)."""
@@ -134,7 +190,7 @@ class FeatureMap:
         return self._T[g]
 
     def omega(self, g: int) -> np.ndarray:
-        return np.sqrt(2.0 * self.gammas[g]) * self.unit
+        return np.sqrt(2.0 * self.gammas[g]) * self.basis
 
     def features(self, xs: np.ndarray, g: int) -> np.ndarray:
         """Features of standardised rows, shape (n, dim(g))."""

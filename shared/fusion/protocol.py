@@ -15,14 +15,23 @@ aggregated consortium totals (:mod:`shared.stats.sitecomputed`), identically on 
    every site picks the largest ``K' <= cv_folds`` whose every fold holds ``>= k`` patients of
    each class in the consortium (fewer folds than asked is recorded; none: the fit is refused,
    with the reason), and the pooled means / standard deviations.
-2. **Newton rounds.** One problem per ``(C, gamma)`` candidate and fold (rows outside the fold),
+2. **Marginal histograms** (round 2, ``kernel="landmarks"``). Each site adds, per column, the
+   counts of its standardised values on a fixed grid (``[-5, 5]`` in steps of 0.05). Every site
+   merges the pooled counts into cells of 0 or ``>= k`` patients
+   (:func:`shared.stats.sitecomputed.merge_cells`) and places the Nystrom landmarks at the pooled
+   marginal quantiles of shifted Halton points, each coordinate the mean of a cell
+   (:func:`shared.fusion.model.quantile_landmarks`): the landmarks follow where patients are
+   (binary and discrete columns included) but depend on the data only through the k-merged
+   marginal histograms (each coordinate a mean over >= k patients), never on a patient's row. ``grid_landmarks`` (a quasi-random
+   ``N(0, I)`` sample from the seed) and ``rff`` skip this round.
+3. **Newton rounds.** One problem per ``(C, gamma)`` candidate and fold (rows outside the fold),
    plus one per candidate on all rows (the final fit, solved in the same rounds so that no
    round waits for the selection). At each trial point each site adds, per unfinished problem,
    its loss, gradient and Hessian sums (:func:`shared.fusion.newton.site_terms`) and its count
    of margin-active patients per class; every site then takes the same Newton / backtracking
    step (:func:`shared.fusion.newton.newton_advance`). Iterates are rounded to multiples of
    2**-40 so that sites whose linear algebra differs in the last bits hold identical states.
-3. **Score round.** Each site adds, per candidate and class, a histogram of its patients'
+4. **Score round.** Each site adds, per candidate and class, a histogram of its patients'
    out-of-fold decision values on a fixed grid (``[-10, 10]`` in steps of 0.002; outside values
    go to the end bins). From the totals every site computes each candidate's pooled
    out-of-fold AUC (Mann-Whitney on the grid: ties within a bin count half), selects the
@@ -37,7 +46,8 @@ intercept, Platt ``A``/``B``, chosen ``C``/``gamma``, CV AUC of every candidate)
 convergence of the final fit and of Platt scaling (converged / iterations / gradient norm) and
 of the CV fits, the pooled counts per class, per fold and of margin-active patients of the final
 fit. It is refused (nothing but the reason) when the cohort, a fold, or the final fit's
-margin-active patients hold fewer than ``k`` of a class.
+margin-active patients hold fewer than ``k`` of a class, or a landmark's histogram cell fewer
+than ``k`` patients.
 
 What the sites learn (they are trusted in this threat model, see ``docs/secure_aggregation.md``):
 the totals of every round, i.e. pooled moments, fold counts, per-problem Newton sums (over every
@@ -68,14 +78,18 @@ from shared.stats.sitecomputed import (
     Released,
     SiteComputedProtocol,
     State,
+    merge_cells,
 )
 
-from .model import KERNELS, FeatureMap, SVMModel, shapley_values, sigmoid
+from .model import FeatureMap, SVMModel, halton, quantile_landmarks, shapley_values, sigmoid
 from .newton import LADDER, SQUARED, ladder_losses, newton_advance, site_terms
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("squared_hinge", "huber_hinge")
+#: ``landmarks``: Nystrom on landmarks at the pooled marginal quantiles (default); ``grid_landmarks``:
+#: on a quasi-random N(0, I) grid (no data at all); ``rff``: random Fourier features.
+KERNELS = ("landmarks", "grid_landmarks", "rff")
 DEFAULT_C = (0.1, 1.0, 10.0)
 #: ``gamma = factor / n_features`` (scikit-learn's ``gamma="scale"`` on standardised inputs is 1 / n_features).
 DEFAULT_GAMMA_FACTORS = (0.25, 1.0, 4.0)
@@ -93,7 +107,10 @@ MAX_VALUES_PER_ROUND = 2**23
 #: Fixed grid of out-of-fold decision values (bin centres DECISION_STEP * j, |f| <= DECISION_MAX).
 DECISION_MAX, DECISION_STEP = 10.0, 0.002
 N_DECISION_BINS = int(round(2 * DECISION_MAX / DECISION_STEP)) + 1
-PHASE_COUNTS, PHASE_NEWTON, PHASE_SCORE, PHASE_DONE = "counts", "newton", "score", "done"
+#: Fixed grid of standardised values for the marginal histograms (bin centres MARGIN_STEP * j).
+MARGIN_MAX, MARGIN_STEP = 5.0, 0.05
+N_MARGIN_BINS = int(round(2 * MARGIN_MAX / MARGIN_STEP)) + 1
+PHASE_COUNTS, PHASE_MARGINS, PHASE_NEWTON, PHASE_SCORE, PHASE_DONE = "counts", "margins", "newton", "score", "done"
 NEWTON_KEYS = ("w", "w_try", "J", "g", "dir", "t", "iter", "stage_iter", "halvings", "done", "converged",
                "gnorm", "active", "stage")
 
@@ -275,10 +292,11 @@ class FusionSVMSite(SiteComputedProtocol):
         Candidates for ``C`` (1 to 8, each in [1e-3, 1e3]).
     gamma_factors : list of float
         Candidates ``gamma = factor / n_features`` (1 to 8, each in [1e-2, 1e2]).
-    kernel : {"landmarks", "rff"}
-        Nystrom map on grid landmarks (default) or random Fourier features.
+    kernel : {"landmarks", "grid_landmarks", "rff"}
+        Nystrom map on landmarks at the pooled marginal quantiles (default), on a quasi-random
+        ``N(0, I)`` grid, or random Fourier features.
     n_components : int
-        Landmarks / random features, 8 to 1024.
+        Landmarks / random features, 8 to 1024 (landmarks: duplicates are dropped).
     cv_folds : int
         2 to 10; fewer are used (and recorded) when a fold would hold fewer than ``min_count``
         patients of a class in the consortium.
@@ -327,27 +345,33 @@ class FusionSVMSite(SiteComputedProtocol):
                              f"n_components={self.n_components} need {worst} values per round, more than "
                              f"{MAX_VALUES_PER_ROUND}: use fewer candidates, folds or components")
         iters = self.max_iter * (2 if self.huber_h else 1)
-        self.max_rounds = 2 + iters * 4 + 8  # counts, Newton (with a few halvings per iteration), score
+        self.max_rounds = 3 + iters * 4 + 8  # counts, margins, Newton (a few halvings per iteration), score
         self._keep(columns=self.columns, C_grid=self.C_grid, gamma_factors=self.gamma_factors, kernel=self.kernel,
                    n_components=self.n_components, cv_folds=self.cv_folds, loss=self.loss,
                    huber_h=float(huber_h), max_iter=self.max_iter, seed=self.seed, min_count=self.min_count)
-        self._fmap: FeatureMap | None = None
+        self._fmap: tuple[Any, FeatureMap] | None = None
 
     # ---------------------------------------------------------------- helpers
-    @property
-    def fmap(self) -> FeatureMap:
-        if self._fmap is None:
-            self._fmap = FeatureMap(self.kernel, self.d, self.n_components, self.seed, self.gammas)
-        return self._fmap
+    def fmap(self, state: State) -> FeatureMap:
+        """The feature map every site derives: from the seed, or from the landmarks in the state."""
+        key = "seed" if self.kernel != "landmarks" else np.asarray(state["landmarks"]).tobytes()
+        if self._fmap is None or self._fmap[0] != key:
+            if self.kernel == "landmarks":
+                fm = FeatureMap("landmarks", self.gammas, np.asarray(state["landmarks"]))
+            else:
+                kind = "rff" if self.kernel == "rff" else "landmarks"
+                fm = FeatureMap.from_seed(kind, self.d, self.n_components, self.seed, self.gammas)
+            self._fmap = (key, fm)
+        return self._fmap[1]
 
     def problems(self, n_folds: int) -> list[tuple[int, int, int]]:
         """``(gamma index, C index, fold)`` per problem; fold ``-1`` is the final fit on all rows."""
         return [(gi, ci, f) for gi, ci in self.cands for f in [*range(n_folds), -1]]
 
-    def _features(self, xs: np.ndarray, g: int, width: int) -> np.ndarray:
+    def _features(self, state: State, xs: np.ndarray, g: int, width: int) -> np.ndarray:
         """Features for gamma index ``g``, zero-padded to ``width`` columns (landmark maps keep a
         different number of eigen-directions per gamma; all problems share one width)."""
-        Z = self.fmap.features(xs, g)
+        Z = self.fmap(state).features(xs, g)
         return Z if Z.shape[1] == width else np.column_stack([Z, np.zeros((Z.shape[0], width - Z.shape[1]))])
 
     def _check_data(self, data: CohortData) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -376,6 +400,8 @@ class FusionSVMSite(SiteComputedProtocol):
             n_fold_rows = sum(range(FOLDS_RANGE[0], self.cv_folds + 1))
             return {"n": {"shape": (2,), **COUNT_SPEC}, "folds": {"shape": (n_fold_rows, 2), **COUNT_SPEC},
                     "sum": {"shape": (self.d,), **BIG_SUM_SPEC}, "sumsq": {"shape": (self.d,), **BIG_SUM_SPEC}}
+        if phase == PHASE_MARGINS:
+            return {"margins": {"shape": (self.d, N_MARGIN_BINS), **COUNT_SPEC}}
         if phase == PHASE_NEWTON:
             act = int((np.asarray(state["done"]) == 0).sum())
             D1 = int(np.asarray(state["w"]).shape[1])
@@ -401,6 +427,11 @@ class FusionSVMSite(SiteComputedProtocol):
         xs = (X - np.asarray(state["mean"])) / np.asarray(state["scale"])
         ys = 2.0 * y - 1.0
         probs = self.problems(K)
+        if phase == PHASE_MARGINS:
+            b = np.clip(np.rint(xs / MARGIN_STEP), -(N_MARGIN_BINS // 2), N_MARGIN_BINS // 2).astype(np.int64)
+            b += N_MARGIN_BINS // 2
+            return {"margins": np.stack([np.bincount(b[:, j], minlength=N_MARGIN_BINS) for j in range(self.d)]
+                                        ).astype(np.float64)}
         if phase == PHASE_NEWTON:
             idx = np.flatnonzero(np.asarray(state["done"]) == 0)
             w_try, stage = np.asarray(state["w_try"]), np.asarray(state["stage"])
@@ -408,7 +439,7 @@ class FusionSVMSite(SiteComputedProtocol):
             J, w_acc, direc, t = (np.asarray(state[k]) for k in ("J", "w", "dir", "t"))
             out = {"loss": np.zeros(idx.size), "ladder": np.zeros((idx.size, LADDER)), "grad": np.zeros((idx.size, D1)),
                    "hess": np.zeros((idx.size, D1 * (D1 + 1) // 2)), "active": np.zeros((idx.size, 2))}
-            Z = {g: self._features(xs, g, D1 - 1) for g in sorted({probs[p][0] for p in idx})}
+            Z = {g: self._features(state, xs, g, D1 - 1) for g in sorted({probs[p][0] for p in idx})}
             for j, p in enumerate(idx):
                 gi, _, f = probs[p]
                 rows = folds != f if f >= 0 else np.ones(y.size, dtype=bool)
@@ -425,7 +456,7 @@ class FusionSVMSite(SiteComputedProtocol):
             hist = np.zeros((len(self.cands), 2, N_DECISION_BINS))
             w = np.asarray(state["w"])
             for c, (gi, _) in enumerate(self.cands):
-                Z = self._features(xs, gi, w.shape[1] - 1)
+                Z = self._features(state, xs, gi, w.shape[1] - 1)
                 f = np.empty(y.size)
                 for k in range(K):
                     rows = folds == k
@@ -444,6 +475,8 @@ class FusionSVMSite(SiteComputedProtocol):
         phase = st["phase"]
         if phase == PHASE_COUNTS:
             return self._after_counts(st, totals)
+        if phase == PHASE_MARGINS:
+            return self._after_margins(st, totals)
         if phase == PHASE_NEWTON:
             return self._after_newton(st, totals)
         if phase == PHASE_SCORE:
@@ -486,8 +519,26 @@ class FusionSVMSite(SiteComputedProtocol):
         var = np.maximum(np.asarray(totals["sumsq"]) / N - mean**2, 0.0)
         scale = np.where(var > 1e-24 * np.maximum(1.0, mean**2), np.sqrt(var), 1.0)
         st["mean"], st["scale"] = quantise(mean), quantise(scale)
+        if self.kernel == "landmarks":
+            st["phase"] = PHASE_MARGINS
+            return st, False
+        return self._init_newton(st)
+
+    def _after_margins(self, st: State, totals: Mapping[str, np.ndarray]) -> tuple[State, bool]:
+        counts = np.rint(np.asarray(totals["margins"])).astype(np.int64)
+        cells = [merge_cells(counts[j], self.min_count) for j in range(self.d)]
+        sizes = [int(counts[j, a:b].sum()) for j in range(self.d) for a, b in cells[j]]
+        st["margin_min_cell"] = min(c for c in sizes if c > 0)
+        points = (np.arange(N_MARGIN_BINS) - N_MARGIN_BINS // 2) * MARGIN_STEP
+        u = halton(self.d, self.n_components, self.seed)
+        st["landmarks"] = quantise(quantile_landmarks(u, cells, counts, points))
+        return self._init_newton(st)
+
+    def _init_newton(self, st: State) -> tuple[State, bool]:
+        chosen = int(st["n_folds"])
         P = len(self.problems(chosen))
-        D1 = max(self.fmap.dim(g) for g in range(len(self.gammas))) + 1
+        fmap = self.fmap(st)
+        D1 = max(fmap.dim(g) for g in range(len(self.gammas))) + 1
         # problems whose gamma keeps fewer eigen-directions pad the unused coordinates with zeros
         st.update({"w": np.zeros((P, D1)), "w_try": np.zeros((P, D1)), "J": np.full(P, np.inf),
                    "g": np.zeros((P, D1)), "dir": np.zeros((P, D1)), "t": np.ones(P),
@@ -541,6 +592,9 @@ class FusionSVMSite(SiteComputedProtocol):
         if fold_counts.min() < k:
             problems.append(f"a cross-validation fold holds fewer than k={k} patients of a class (the folds "
                             f"were built for k={self.min_count})")
+        if self.kernel == "landmarks" and int(state["margin_min_cell"]) < k:
+            problems.append(f"a landmark comes from a marginal histogram cell of fewer than k={k} patients (the "
+                            f"cells were built for k={self.min_count})")
         if active.min() < k:
             problems.append(f"the fitted function depends on fewer than k={k} patients of a class (margin-active)")
         if problems:
@@ -555,8 +609,9 @@ class FusionSVMSite(SiteComputedProtocol):
         gi, ci = self.cands[best]
         p_final = best * (K + 1) + K
         w = np.asarray(state["w"])[p_final]
-        D = self.fmap.dim(gi)
-        basis, offset, coef = self.fmap.expansion(w[:D], gi)
+        fmap = self.fmap(state)
+        D = fmap.dim(gi)
+        basis, offset, coef = fmap.expansion(w[:D], gi)
         probs = self.problems(K)
         cv_idx = [p for p, (_, _, f) in enumerate(probs) if f >= 0]
         conv, it, gn = (np.asarray(state[x]) for x in ("converged", "iter", "gnorm"))
@@ -579,7 +634,7 @@ class FusionSVMSite(SiteComputedProtocol):
         return SVMModel(list(self.columns), np.asarray(state["mean"]), np.asarray(state["scale"]),
                         quantise(basis), quantise(offset), quantise(coef), float(quantise(w[-1])),
                         float(state["platt"][0]), float(state["platt"][1]), self.C_grid[ci], self.gammas[gi],
-                        float(state["cv_auc"][best]), table, self.kernel, convergence, counts)
+                        float(state["cv_auc"][best]), table, fmap.kernel, convergence, counts)
 
     def result(self, released: Released) -> FusionFit:
         cost = {"rounds": int(released.get("rounds", 0)),

@@ -106,7 +106,8 @@ def test_final_fit_is_the_pooled_optimum(data, loss, kernel):
     m = est.model_
     np.testing.assert_allclose(m.mean, X.mean(axis=0), rtol=1e-9)
     np.testing.assert_allclose(m.scale, X.std(axis=0), rtol=1e-9)
-    fmap = FeatureMap(kernel, 5, 32, 2, [m.gamma])
+    fmap = (FeatureMap("landmarks", [m.gamma], m.omega) if kernel == "landmarks"
+            else FeatureMap.from_seed(kernel, 5, 32, 2, [m.gamma]))
     Z = np.column_stack([fmap.features((X - m.mean) / m.scale, 0), np.ones(len(y))])
     ys = 2.0 * y - 1
     h = 0.2
@@ -247,7 +248,7 @@ def test_layout_depends_on_state_not_data_and_contributions_fit_their_bounds(dat
             assert isinstance(v, np.ndarray) or json.loads(json.dumps(v, allow_nan=False)) == v
         if done:
             break
-    assert done and phases == {"counts", "newton", "score"}
+    assert done and phases == {"counts", "margins", "newton", "score"}
 
 
 def test_fit_survives_secure_aggregation_encoding(data):
@@ -288,11 +289,54 @@ def test_release_has_model_convergence_and_counts(fitted, data):
     assert min(m.counts["min_fold_pos"], m.counts["min_fold_neg"], m.counts["active_pos"],
                m.counts["active_neg"]) >= 3
     assert fitted.n_folds_ == 3
-    # the landmarks are a grid, not patients: no landmark equals a standardised row
-    xs = (X - m.mean) / m.scale
-    assert m.kernel == "landmarks"
-    assert np.min(np.abs(xs[:, None, :] - m.omega[None]).max(axis=2)) > 1e-6
-    np.testing.assert_allclose(m.omega, FeatureMap("landmarks", 5, 48, 1, [1.0]).basis, atol=1e-11)  # from the seed
+    assert m.kernel == "landmarks" and m.omega.shape[1] == 5 and m.omega.shape[0] <= 48
+
+
+def first_rounds(proto: FusionSVMSite, sd: dict[str, CohortData]) -> dict:
+    """Run the protocol until the Newton rounds start; returns the state."""
+    state = proto.init_state()
+    while state["phase"] in ("counts", "margins"):
+        parts = [proto.local(d, state) for d in sd.values()]
+        state, _ = proto.advance(state, {k: sum(p[k] for p in parts) for k in parts[0]})
+    return state
+
+
+def test_landmarks_depend_on_the_data_only_through_pooled_marginal_histograms(data):
+    """Shuffling each column independently across all patients (same marginals, no rows kept)
+    leaves the landmarks unchanged: no landmark is, or is built from, a patient's row."""
+    X, y, sites, _, _ = data
+    proto = FusionSVMSite(COLS, [1.0], [1.0], "landmarks", 64, 3, seed=3, min_count=5)
+    a = first_rounds(proto, site_data(X, y, sites))
+    rng = np.random.default_rng(0)
+    Xp = np.column_stack([rng.permutation(X[:, j]) for j in range(5)])
+    b = first_rounds(proto, site_data(Xp, y, sites))
+    np.testing.assert_array_equal(a["landmarks"], b["landmarks"])
+    assert a["margin_min_cell"] >= 5
+    # the landmarks follow the data's marginals: a binary column gets landmarks at its two values only
+    Xb = X.copy()
+    Xb[:, 1] = (X[:, 1] > 0).astype(float)
+    c = first_rounds(proto, site_data(Xb, y, sites))
+    xs1 = np.unique(np.round((Xb[:, 1] - c["mean"][1]) / c["scale"][1], 6))
+    assert np.all(np.min(np.abs(c["landmarks"][:, 1][:, None] - xs1[None]), axis=1) <= 0.025 + 1e-9)
+    assert np.unique(c["landmarks"][:, 1]).size == 2
+
+
+def test_quantile_landmark_coordinates_are_means_of_k_patient_cells():
+    """Every landmark coordinate is the mean of a merged cell of >= k patients; a lone patient in the
+    tail never has a coordinate of its own."""
+    from shared.fusion.model import halton, quantile_landmarks
+    from shared.stats.sitecomputed import merge_cells
+
+    points = np.arange(201) - 100.0
+    counts = np.zeros((1, 201), dtype=np.int64)
+    counts[0, 95:106] = 4
+    counts[0, 190] = 1  # a lone patient far out
+    cells = [merge_cells(counts[0], 5)]
+    L = quantile_landmarks(halton(1, 64, 0), cells, counts, points)
+    means = {float(points[a:b] @ counts[0, a:b] / counts[0, a:b].sum()) for a, b in cells[0]}
+    assert set(L[:, 0].tolist()) <= means
+    assert all(counts[0, a:b].sum() >= 5 for a, b in cells[0])
+    assert 90.0 not in L[:, 0]
 
 
 def test_platt_matches_a_direct_fit_on_the_out_of_fold_values(data):
@@ -306,7 +350,7 @@ def test_platt_matches_a_direct_fit_on_the_out_of_fold_values(data):
     f, lab = [], []
     for d in sd.values():  # out-of-fold decision values, as each site computes them
         folds = assign_folds(d.extra["patient_id"], d.y, K, 6)
-        Z = proto.fmap.features((d.X - st8["mean"]) / st8["scale"], 0)
+        Z = proto.fmap(st8).features((d.X - st8["mean"]) / st8["scale"], 0)
         for k in range(K):
             w = st8["w"][k]
             f.append(Z[folds == k] @ w[:Z.shape[1]] + w[-1])
