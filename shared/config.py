@@ -366,7 +366,8 @@ class FusionConfig(_Section):
     gamma_factors: list[float] = Field(default_factory=lambda: [0.25, 1.0, 4.0], min_length=1)
     """RBF gamma candidates as multiples of 1 / n_inputs (scikit-learn's gamma="scale" on standardised inputs)."""
     n_components: int = Field(64, ge=8, le=1024)
-    """Random Fourier features approximating the RBF kernel."""
+    """Size of the RBF kernel map: Nystrom landmarks placed at the pooled marginal quantiles (cells of >= k
+    patients), derived by every site from released histograms (``shared.fusion``)."""
     loss: Literal["squared_hinge", "huber_hinge"] = "squared_hinge"
     """squared_hinge: ~15 rounds. huber_hinge (closer to libsvm's hinge loss): ~80 rounds, see README."""
     huber_h: float = Field(0.1, gt=0, le=1)
