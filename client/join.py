@@ -71,7 +71,8 @@ def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: st
     Without ``max_retries`` it keeps reconnecting (e.g. while the SuperLink restarts), as a hospital's
     node should.
     """
-    node_config = f"site-name='{site}' data-dir='{Path(data_dir).resolve()}' cache-dir='{Path(cache_dir).resolve()}'"
+    node_config = (f"site-name='{site}' data-dir='{Path(data_dir).resolve()}' cache-dir='{Path(cache_dir).resolve()}' "
+                   f"site-key='{Path(key_file).resolve()}'")  # the site's own key: its secure-aggregation identity
     if site_config is not None:
         node_config += f" site-config='{Path(site_config).resolve()}'"
     if device:

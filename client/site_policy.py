@@ -11,7 +11,8 @@ The policy is the hospital's (:class:`shared.config.PolicyConfig`), read on the 
 
 Secure aggregation needs the consortium roster (``policy.roster``: a folder with
 ``sites/<name>/site.pub`` or ``<name>/site.pub``, as ``rectalfl certs add-site`` writes) and the
-site's private key (``policy.identity_key``, default ``deploy.site_key``).
+site's private key (``policy.identity_key``, default ``deploy.site_key``, else the key ``rectalfl site
+join --key`` gave the SuperNode: node config ``site-key``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def load_rules(node_config: Mapping[str, Any], cache_dir: Path, run_cfg: RectalF
     path = node_config.get("site-config")
     if path:
         cfg = load_config(str(path))
-        key = cfg.policy.identity_key or cfg.deploy.site_key
+        key = cfg.policy.identity_key or cfg.deploy.site_key or node_config.get("site-key")
         return SiteRules(cfg.policy, tuple(cfg.fusion.clinical_predictors), Path(key) if key else None, str(path))
     file = Path(cache_dir) / POLICY_FILE
     if file.is_file():

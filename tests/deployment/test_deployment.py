@@ -88,7 +88,9 @@ class Consortium:
         """A hospital as its IT team runs it: `rectalfl site join` (which supervises flower-supernode)."""
         site = claims or (name if name in SITES else "site_a")
         site_cfg = self.root / "site.yaml"
-        site_cfg.write_text(self.cfg.to_yaml())
+        data = yaml.safe_load(self.cfg.to_yaml())  # the hospitals' own policy: the consortium's public keys
+        data["policy"] = {**data.get("policy", {}), "roster": str(self.certs)}  # so statistics are aggregated
+        site_cfg.write_text(yaml.safe_dump(data))
         key = self.root / "hospital_keys" / name / "site.key"  # the hospital's own copy of its key
         if not key.is_file():
             key.parent.mkdir(parents=True)
@@ -316,3 +318,6 @@ def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
     assert (run_dir / "checkpoints" / "round_0003.npz").is_file()
     table = pd.read_csv(run_dir / "tables" / "signature_auc.csv")
     assert {"site_a", "site_b", "site_c", "ext"} <= set(table["site"])
+    # the pooled AUCs were computed by the sites over the Deployment Engine, securely aggregated
+    pooled = table[table["site"] == "pooled (training sites)"]
+    assert len(pooled) and pooled["auc"].between(0, 1).all(), table.to_string()
