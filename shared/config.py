@@ -30,11 +30,14 @@ logger = logging.getLogger(__name__)
 
 SEQUENCES: tuple[str, ...] = ("t2w", "dwi", "ce_t1w", "adc")
 BACKBONES: dict[str, int | None] = {
-    "densenet121": None, "densenet_tiny": None, "resnet18": None, "resnet34": None, "resnet50": None,
-    "resnet_tiny": None, "vit": 16, "vit_tiny": 8,
+    "densenet121": None, "densenet_tiny": None, "densenet169": None, "densenet169_tiny": None,
+    "resnet18": None, "resnet_tiny": None, "resnet34": None, "resnet34_tiny": None, "resnet50": None,
+    "resnet50_tiny": None, "seresnet50": None, "seresnet50_tiny": None, "seresnext50": None,
+    "seresnext50_tiny": None, "efficientnet_b0": None, "efficientnet_b0_tiny": None, "convnext_t": None,
+    "convnext_t_tiny": None, "vit": 16, "vit_tiny": 8, "swin_t": 32, "swin_t_tiny": 16,
 }
-"""Response backbones ``train.backbone`` may name, with the patch size a ViT needs ``preprocess.slice_size`` to be a
-multiple of (None: any size). Kept here so that validating a config never imports PyTorch; a test checks it equals
+"""Response backbones ``train.backbone`` may name, with the number ``preprocess.slice_size`` must be a multiple of
+(a ViT's patch; Swin's patch x 8 for its three merges; None: any size). Kept here so that validating a config never imports PyTorch; a test checks it equals
 ``shared.models.available_models("classification")``."""
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 """``train.device``: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` (whether the device exists is checked where
@@ -462,8 +465,8 @@ class RectalFLConfig(_Section):
     def _backbone_fits_slices(self) -> RectalFLConfig:
         patch = BACKBONES.get(self.train.backbone)
         if patch and self.preprocess.slice_size % patch:
-            raise ValueError(f"train.backbone {self.train.backbone!r} cuts slices into {patch}x{patch} patches, so "
-                             f"preprocess.slice_size must be a multiple of {patch}, got {self.preprocess.slice_size}")
+            raise ValueError(f"train.backbone {self.train.backbone!r} needs preprocess.slice_size to be a multiple of "
+                             f"{patch} (its patch grid), got {self.preprocess.slice_size}")
         return self
 
     def digest(self) -> str:

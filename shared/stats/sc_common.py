@@ -46,7 +46,7 @@ DISPLAY_BINS: tuple[int, ...] = (5, 10, 20, 25, 50, 100)
 #: Calibration bins a server may ask for.
 CALIBRATION_BINS: tuple[int, ...] = (5, 10, 20)
 #: Upper limit of Newton iterations per fit.
-MAX_ITER_LIMIT = 100
+MAX_ITER_LIMIT = 300
 #: Most columns one query may name.
 MAX_COLUMNS = 32
 

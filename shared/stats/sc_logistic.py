@@ -409,7 +409,7 @@ class LogisticSite(_StandardisedLogistic):
 
     name: ClassVar[str] = "logistic"
 
-    def __init__(self, columns: Sequence[str], method: str = "auto", alpha: float = 0.05, max_iter: int = 100,
+    def __init__(self, columns: Sequence[str], method: str = "auto", alpha: float = 0.05, max_iter: int = 300,
                  tol: float = 1e-8) -> None:
         super().__init__()
         self._keep(columns=check_columns("columns", columns, MAX_CANDIDATES),
@@ -523,7 +523,7 @@ class SelectionSite(_StandardisedLogistic):
     name: ClassVar[str] = "select_predictors"
 
     def __init__(self, candidates: Sequence[str], p_univariate: float = 0.10, p_multivariate: float = 0.05,
-                 alpha: float = 0.05, firth: str = "auto", max_iter: int = 100, tol: float = 1e-8) -> None:
+                 alpha: float = 0.05, firth: str = "auto", max_iter: int = 300, tol: float = 1e-8) -> None:
         super().__init__()
         self._keep(candidates=check_columns("candidates", candidates, MAX_CANDIDATES),
                    p_univariate=check_float("p_univariate", p_univariate, 0.0, 1.0, open_hi=False),

@@ -321,6 +321,9 @@ def test_a_network_opacus_cannot_fix_is_refused_by_config_validate(tmp_path: Pat
     import shared.models as models
     from rectalfl import app
 
+    import shared.config
+
+    monkeypatch.setitem(shared.config.BACKBONES, "oddnet_test", None)  # known to the schema, like every registry name
     monkeypatch.setitem(models._REGISTRY, "oddnet_test",
                         models.ModelSpec("oddnet_test", "classification", "test", _odd_network))
     models.dp_network_changes.cache_clear()

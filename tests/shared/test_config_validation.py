@@ -94,10 +94,12 @@ def test_invalid_devices(device: str) -> None:
         parse_config({"train": {"device": device}})
 
 
-def test_dp_is_refused_until_it_exists() -> None:
-    with pytest.raises(ConfigError, match=r"privacy.dp = true: DP-SGD"):
+def test_dp_without_its_settings_is_refused_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError, match=r"neither privacy.noise_multiplier .* nor privacy.target_epsilon"):
         parse_config({"privacy": {"dp": True}})
-    assert parse_config({"privacy": {"dp": False, "dp_noise_multiplier": 2.0}}).privacy.dp is False
+    with pytest.raises(ConfigError, match=r"privacy.dp_noise_multiplier is now privacy.noise_multiplier"):
+        parse_config({"privacy": {"dp": False, "dp_noise_multiplier": 2.0}})
+    assert parse_config({"privacy": {"dp": True, "noise_multiplier": 1.0}}).privacy.dp is True
 
 
 def test_command_line_setting_is_named_as_such(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ INVALID = [
     ("threshold_metrics", {"column": "p", "threshold": 1.0}),
     ("threshold_metrics", {"column": "", "threshold": 0.5}),
     ("calibration", {"column": "p", "n_bins": 100}), ("calibration", {"column": "p", "n_bins": 7}),
-    ("calibration", {"column": "p", "max_iter": 101}), ("calibration", {"column": "p", "max_iter": 0}),
+    ("calibration", {"column": "p", "max_iter": 301}), ("calibration", {"column": "p", "max_iter": 0}),
     ("calibration", {"column": "p", "tol": 0.0}), ("calibration", {"column": "p", "tol": 1.0}),
     ("net_benefit", {"column": "p", "display_bins": 10000}),
     ("logistic", {"columns": [f"c{i}" for i in range(21)]}), ("logistic", {"columns": ["q"], "method": "newton"}),
