@@ -318,10 +318,9 @@ def test_a_network_opacus_cannot_fix_is_refused_by_config_validate(tmp_path: Pat
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
+    import shared.config
     import shared.models as models
     from rectalfl import app
-
-    import shared.config
 
     monkeypatch.setitem(shared.config.BACKBONES, "oddnet_test", None)  # known to the schema, like every registry name
     monkeypatch.setitem(models._REGISTRY, "oddnet_test",
