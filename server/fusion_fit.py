@@ -38,9 +38,11 @@ def fit_models(run_stats: StatsRun, specs: Sequence[Any], cfg: RectalFLConfig, t
     with no patients so that they derive the models themselves and can score with them.
     """
     f = cfg.fusion
+    # folds and landmark cells are built for the run's floor k (the release checks it again)
+    k = int(run_stats.min_count()) if hasattr(run_stats, "min_count") else cfg.privacy.min_cell_count
     queries = [SiteQuery(f"fit.{s.name}", FusionSVMSite(list(s.inputs), C_grid=f.C_grid, gamma_factors=f.gamma_factors,
                                                         n_components=f.n_components, cv_folds=cfg.split.cv_folds,
-                                                        loss=f.loss, huber_h=f.huber_h, seed=cfg.seed),
+                                                        loss=f.loss, huber_h=f.huber_h, seed=cfg.seed, min_count=k),
                          "training", list(s.inputs), sorted({*train_sites, *observers})) for s in specs]
     run_stats(queries)
     models: dict[str, SVMModel] = {}

@@ -195,6 +195,7 @@ def stats_runner(orch: Any) -> Any:
                                  site=site, detail={"query": q.qid, "rule": why.get("rule")})
         return queries
 
+    run.min_count = orch.min_count  # type: ignore[attr-defined]  # the run's k, for protocols built with it
     return run
 
 

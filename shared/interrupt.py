@@ -88,19 +88,24 @@ def raise_on_signals() -> None:
 
 @contextlib.contextmanager
 def sigint_held_from_children() -> Iterator[None]:
-    """Block SIGINT while worker processes are started inside the block.
+    """Start worker processes inside the block with SIGINT ignored, and hold the parent's Ctrl-C.
 
-    A spawned worker inherits the blocked signal, so a Ctrl-C that reaches the whole process group
-    while the worker is still importing never raises (and prints) there; the parent receives it as
-    soon as the block ends. Use around creating a pool and submitting its work.
+    SIGINT is blocked and its disposition set to ``SIG_IGN`` while the block runs: a spawned worker
+    (fork + exec) inherits the ignored disposition, and Python then never installs its
+    KeyboardInterrupt handler there, so a Ctrl-C that reaches the whole process group while the
+    worker is still importing never raises (and prints) in it. A Ctrl-C arriving during the block
+    stays pending (Linux never discards a blocked signal) and reaches the parent, with its own
+    handler restored, as soon as the block ends. Use around creating a pool and submitting its work.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
+        signal.signal(signal.SIGINT, previous)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 

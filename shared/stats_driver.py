@@ -169,8 +169,9 @@ def run_site_queries(queries: list[SiteQuery], transport: Transport, *, run: str
         rep = replies.get(s)
         if rep is None:
             for q in queries:
-                if s in q.participants and q.error is None:
-                    q.error = f"site {s} did not answer"
+                if s in q.participants:
+                    q.error = q.error or f"site {s} did not answer"
+                    q.dropped.append(s)  # asked again without it
             for g in groups.values():
                 if s in g.participants:
                     g.dead = True

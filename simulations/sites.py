@@ -131,6 +131,7 @@ def inprocess_stats_runner(cfg: Any, sites: list[dict], run: str) -> Callable[[l
         roles = {s: ("external" if svc.ctx.policy.role == "external" else "train") for s, svc in services.items()}
         return run_site_queries(queries, transport, run=run, k=k, roles=roles)
 
+    run_queries.min_count = lambda: k  # type: ignore[attr-defined]  # the run's k, for protocols built with it
     return run_queries
 
 

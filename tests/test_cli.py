@@ -40,7 +40,8 @@ def test_site_check_json_on_a_clean_site(tiny_consortium, tmp_path: Path) -> Non
     res = runner.invoke(app, ["site", "check", str(site), "--config", str(cfg_path), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["n_patients"] == 14 and not [i for i in report["issues"] if i["severity"] == "error"]
+    n = next(s.patients for s in tiny_consortium.synth.sites if s.name == "site_a")
+    assert report["n_patients"] == n and not [i for i in report["issues"] if i["severity"] == "error"]
 
 
 def test_site_check_fails_with_exit_1_and_names_the_file(tiny_consortium, tmp_path: Path) -> None:
@@ -66,4 +67,6 @@ def test_site_preprocess_json_reports_statuses(tiny_consortium, tmp_path: Path) 
     res = runner.invoke(app, ["site", "preprocess", str(site), "--out", str(out), "--config", str(cfg_path), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
-    assert info["status"] == {"ok": 12 * 4} and (out / "manifest.csv").is_file()
+    n = next(s.patients for s in tiny_consortium.synth.sites if s.name == "site_b")
+    volumes = len(tiny_consortium.data.sequences) * len(tiny_consortium.data.timepoints)
+    assert info["status"] == {"ok": n * volumes} and (out / "manifest.csv").is_file()

@@ -30,8 +30,8 @@ Nothing but ``withheld`` unless the pooled cohort has >= ``k`` patients in each 
   half; its tie-corrected asymptotic p. Exact when each grid bin holds a single value (e.g.
   integer data with edges at half-integers); otherwise ``u_bound = 0.5 * pairs sharing a bin``
   bounds ``|U - U_raw|``.
-* Categorical: counts per level and group and the overall count per level. A group cell with
-  ``0 < count < k`` is withheld (the marker ``"withheld"``, never a number or NaN); since the
+* Categorical: counts per level and group and the overall count per level. A cell (group or
+  overall) with ``0 < count < k`` is withheld (the marker ``"withheld"``, never a number or NaN); since the
   group totals are published, further cells are withheld (complementary suppression: every row
   level x {group 0, group 1, overall} and every column with a withheld cell gets a second one,
   the smallest non-zero) and a linear-programming audit checks that no withheld cell is
@@ -167,8 +167,7 @@ def suppress(counts: np.ndarray, k: int) -> np.ndarray:
     """
     c = np.asarray(counts, dtype=np.int64)
     full = np.column_stack([c, c.sum(axis=1)])
-    w = np.zeros(full.shape, dtype=bool)
-    w[:, :2] = (c > 0) & (c < k)
+    w = (full > 0) & (full < k)  # group cells and the overall count of a level alike
     if not w.any():
         return w
     changed = True

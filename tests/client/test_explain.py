@@ -191,7 +191,7 @@ def test_command_writes_the_page_and_sends_nothing(tiny_consortium, tmp_path: Pa
     res = CliRunner().invoke(app, ["site", "explain", "--run", str(run), "--data", str(Path(cfg.data_root) / "site_b"),
                                    "--cache", str(cache), "--per-class", "1", "--json"])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output)
+    info = json.loads(res.stdout)  # logs go to stderr
     assert Path(info["page"]).is_file() and Path(info["page"]).is_relative_to(cache)
     assert info["patients"] == 2
     bad = CliRunner().invoke(app, ["site", "explain", "--run", str(tmp_path / "nope"), "--data", "x", "--cache", "y"])
