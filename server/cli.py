@@ -236,14 +236,32 @@ def run_command(
                 out.print(text, highlight=False)
             status.update(line)
 
+        submitted: dict[str, str] = {}
+
+        def accepted(rid: str) -> None:
+            submitted["rid"] = str(rid)
+            out.print(f"Flower run {rid} accepted; waiting for {len(d.sites)} site(s)", highlight=False)
+
         try:
             info = submit_run(config, d.flwr_home, connection=d.connection, run_dir=target, resume=resume is not None,
                               expected_sites=len(d.sites), stream=sys.stdout if verbose else log_fh,
-                              timeout=timeout, on_poll=on_poll,
-                              on_submitted=lambda rid: out.print(f"Flower run {rid} accepted; waiting for "
-                                                                 f"{len(d.sites)} site(s)", highlight=False))
+                              timeout=timeout, on_poll=on_poll, on_submitted=accepted)
         except DeployError as exc:
             fail(f"{exc}\nServerApp log: {log_path}")
+        except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM: stop following; the run itself lives on the SuperLink
+            status.stop()
+            rid = submitted.get("rid")
+            name = getattr(exc, "signal_name", "SIGINT")
+            if rid is None:
+                console.print(f"[yellow]interrupted[/] by {name} before the SuperLink accepted the run: nothing was "
+                              f"started; submit again with `rectalfl run --config {config}`", highlight=False)
+            else:
+                console.print(
+                    f"[yellow]stopped following[/] (interrupted by {name}): Flower run {rid} goes on at the "
+                    f"SuperLink and writes {target}. Watch it with `rectalfl dashboard --runs {target.parent}`; "
+                    f"stop it with `FLWR_HOME={Path(d.flwr_home).resolve()} flwr stop {rid} {d.connection}`; once "
+                    f"stopped, continue it with `rectalfl run --config {config} --resume {target}`", highlight=False)
+            raise typer.Exit(130) from None
         on_poll()
     status_text = str(info.get("status", "unknown"))
     if status_text == "finished:completed":
