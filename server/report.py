@@ -672,7 +672,9 @@ def _header(meta: dict[str, Any], run_dir: Path) -> str:
             ("Date", v("finished_at") or v("started_at") or v("trained_at")), ("Config digest", v("config_digest")),
             ("Mode / strategy / rounds", training or None), ("Engine", v("engine")),
             ("Sites (role)", ", ".join(f"{s} ({r})" if r else s for s, r in sites.items()) or None),
-            ("Disclosure control", f"no number describes fewer than {v('min_cell_count')} patients"
+            ("Disclosure control", f"statistics computed by the sites and securely aggregated; every released count "
+                                   f"is 0 or at least k = {v('min_cell_count')} (the recipe's floor; a site's own "
+                                   "floor can be higher), see the suppression log"
              if v("min_cell_count") is not None else None),
             ("Libraries", ", ".join(f"{k} {x}" for k, x in (meta.get("versions") or {}).items()) or None),
             ("Run directory", str(run_dir))]
