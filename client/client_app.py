@@ -254,22 +254,7 @@ def train(msg: Message, context: Context) -> Message:
     A round the site's policy refuses (its epsilon budget) is answered with the policy-refusal code
     and a reason naming the budget, the epsilon spent and what the round would cost.
     """
-    from client.stats_service import PolicyRefusal
-
-    algo = None
-    try:
-        algo = _algorithm(msg, context)
-        content = _train(algo, msg, context)
-        content["site"] = ConfigRecord({"name": algo.site})
-        return audit(algo, msg, Message(content, reply_to=msg))
-    except PolicyRefusal as exc:
-        logger.warning("%s", exc)
-        reply = Message(Error(code=POLICY_REFUSED_CODE, reason=f"site {algo.site if algo else '?'}: {exc}"),
-                        reply_to=msg)
-        return audit(algo, msg, reply) if algo else reply
-    except Exception as exc:  # noqa: BLE001 - the server records it with the site's name
-        reply = _error_reply(msg, algo.site if algo else None, exc)
-        return audit(algo, msg, reply) if algo else reply
+    return _reply(msg, context, lambda algo, m: _train(algo, m, context))
 
 
 @app.evaluate("signatures")
