@@ -781,8 +781,8 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, seed: int = 42, *, wo
                 "with workers > 1 the calling script is re-imported by each worker, so it must be a file whose "
                 "top level is guarded by `if __name__ == \"__main__\":`); run with workers=1 to see the "
                 "error in-process") from exc
-        except BaseException:  # an error or Ctrl-C: do not wait for the queued patients
-            pool.shutdown(wait=False, cancel_futures=True)
+        except BaseException:  # an error or Ctrl-C: drop the queued patients, let the ones in flight finish
+            pool.shutdown(wait=True, cancel_futures=True)  # (workers ignore SIGINT; none outlives the command)
             raise
         pool.shutdown(wait=True)
 
