@@ -67,6 +67,41 @@ class _SubsetGrid:
         return getattr(self._grid, name)
 
 
+TRANSIENT = ("database is locked", "500 Internal Server Error", "503 Service Unavailable", "UNAVAILABLE")
+"""Errors of a SuperLink under load that a second try clears (its SQLite state answers 'database is locked')."""
+
+
+def exchange_riding_out_errors(grid: Any, msgs: list[Message], timeout: float | None, *, poll_s: float = 3.0,
+                               tries: int = 10, backoff_s: float = 2.0) -> list[Message]:
+    """Flower's ``send_and_receive`` (push once, pull until every reply or ``timeout``), where a pull that
+    fails with a transient SuperLink error is tried again (up to ``tries`` times in a row, waiting
+    ``backoff_s``, doubling) instead of ending the run. A push is never repeated (the SuperLink may
+    hold part of it), so a failing push still raises."""
+    ids = set(grid.push_messages(msgs))
+    end = time.time() + (timeout if timeout is not None else 0.0)
+    out: list[Message] = []
+    failures, wait = 0, backoff_s
+    while timeout is None or time.time() < end:
+        try:
+            got = list(grid.pull_messages(ids))
+        except Exception as exc:  # noqa: BLE001 - only the transient ones are ridden out
+            failures += 1
+            if failures >= tries or not any(t in str(exc) for t in TRANSIENT):
+                raise
+            logger.warning("SuperLink: %s; trying again in %.0f s (%d/%d)", str(exc).splitlines()[0], wait,
+                           failures, tries)
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)
+            continue
+        failures, wait = 0, backoff_s
+        out.extend(got)
+        ids.difference_update({m.metadata.reply_to_message_id for m in got})
+        if not ids:
+            break
+        time.sleep(poll_s)
+    return out
+
+
 class _ProgressGrid:
     """A view of a Grid that counts message exchanges per stage into ``<run_dir>/progress.json``.
 
@@ -82,7 +117,11 @@ class _ProgressGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *args: Any, **kwargs: Any) -> Iterable[Message]:
         msgs = list(messages)
-        replies = list(self._grid.send_and_receive(msgs, *args, **kwargs))
+        g = self._grid
+        if type(g).__name__ != "InMemoryGrid" and hasattr(g, "push_messages") and hasattr(g, "pull_messages"):
+            replies = exchange_riding_out_errors(g, msgs, kwargs.get("timeout"))  # a SuperLink over the network
+        else:  # the simulation engine (nothing transient to ride out), or a test's grid
+            replies = list(g.send_and_receive(msgs, *args, **kwargs))
         try:
             stage = str(self._stage_of() or "run")
             c = self.counts.setdefault(stage, {"exchanges": 0, "messages": 0, "replies": 0})
