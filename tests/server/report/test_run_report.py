@@ -165,7 +165,7 @@ def test_header_names_the_run(built_run):
     text = built_run[1].read_text(encoding="utf-8")
     head = text.split("<nav>")[0]
     for s in ("unit-report", "0123abcd4567ef89", "fedprox", "12 rounds", "flwr 1.41.0", "site_a (train)",
-              "ext (external)", "2026-11-20", "fewer than 5 patients"):
+              "ext (external)", "2026-11-20", "at least k = 5"):
         assert s in head, s
     page = parse(built_run[1])
     assert "how to read" in " ".join(page.sections).lower()
