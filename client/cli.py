@@ -262,10 +262,11 @@ def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, 
     from shared.flower import die_with_parent, flwr_env, new_secret
 
     def stop(*_: object) -> None:
-        raise KeyboardInterrupt
+        raise Interrupted("SIGTERM")
 
     signal.signal(signal.SIGTERM, stop)  # `kill` (or a service manager) leaves cleanly, SuperNode included
     env = flwr_env(home)
+    rejoin = shlex.join(["rectalfl", *sys.argv[1:]])
     quick = 0
     while True:
         t0 = time.time()
@@ -294,8 +295,13 @@ def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, 
         try:
             while proc.poll() is None and gate_proc.poll() is None:
                 time.sleep(0.5)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _stop_all([(proc, signal.SIGINT), (gate_proc, signal.SIGTERM)])
+            name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+            console.print(f"[yellow]left the consortium[/] ({name}): the SuperNode and the app gate of {site} are "
+                          f"stopped (a task in progress is not answered; the server goes on without this site or "
+                          f"waits, as its min_sites says). The cache and audit log are kept. Rejoin with `{rejoin}`",
+                          highlight=False)
             raise typer.Exit(0) from None
         if gate_proc.poll() is not None and proc.poll() is None:
             console.print(f"[yellow]the app gate stopped (exit {gate_proc.returncode}); restarting the SuperNode[/]")
@@ -311,7 +317,13 @@ def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, 
             fail(explain_supernode_exit(code, text, site_key, site), 1)
         console.print(f"[yellow]the SuperNode stopped (exit {code}); reconnecting in {retry_s:.0f} s[/] "
                           "(Ctrl-C to leave)")
-        time.sleep(retry_s)
+        try:
+            time.sleep(retry_s)
+        except KeyboardInterrupt as exc:
+            name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+            console.print(f"[yellow]left the consortium[/] ({name}) while waiting to reconnect; rejoin with "
+                          f"`{rejoin}`", highlight=False)
+            raise typer.Exit(0) from None
 
 
 def _stop_all(procs: list[tuple[subprocess.Popen, int]], timeout: float = 10.0) -> None:

@@ -23,6 +23,7 @@ whatever happens. Slow (CI runs it); every wait has a hard bound.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -321,3 +322,65 @@ def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
     # the pooled AUCs were computed by the sites over the Deployment Engine, securely aggregated
     pooled = table[table["site"] == "pooled (training sites)"]
     assert len(pooled) and pooled["auc"].between(0, 1).all(), table.to_string()
+
+
+def rectalfl_cmd(c: Consortium, args: list[str], log: Path) -> subprocess.Popen:
+    """The operator's terminal: ``rectalfl ARGS`` in its own session (a terminal job), output to ``log``."""
+    fh = open(log, "w")  # noqa: SIM115 - the child holds it; closed when the test's temporary folder goes
+    return subprocess.Popen([str(Path(sys.executable).parent / "rectalfl"), *args], stdout=fh, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "250", "NO_COLOR": "1"},
+                            start_new_session=True, cwd=c.root)
+
+
+def stopped_within(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    try:
+        code = proc.wait(timeout=seconds + 20)  # the bound is asserted below, with the figure
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"still running {seconds + 20:.0f} s after the signal") from None
+    return code, time.monotonic() - t0
+
+
+def test_run_and_site_join_leave_cleanly_on_signals(consortium) -> None:
+    """Ctrl-C in `rectalfl run` stops following (the run lives on the SuperLink) and prints the commands
+    that stop and resume it, which work as printed; SIGTERM to a hospital's `rectalfl site join` (a
+    service manager's stop) stops its SuperNode and app gate, leaves nothing behind, and prints the
+    command that rejoins, which does."""
+    c = consortium
+    wait_for(lambda: online(c) >= len(SITES), 180, "the sites online", every=3)
+    run_dir = c.root / "runs" / "interrupted"
+    log = c.root / "run_sigint.log"
+    run = rectalfl_cmd(c, ["run", "--config", str(server_config(c, 2)), "--run-dir", str(run_dir)], log)
+    wait_for(lambda: "accepted" in log.read_text() or run.poll() is not None, 180, "the run accepted")
+    os.killpg(run.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground job
+    code, took = stopped_within(run, 10)
+    text = " ".join(log.read_text().split())
+    assert code == 130 and took < 10, (code, took, text[-2000:])
+    assert "Traceback" not in text and "stopped following" in text, text[-2000:]
+    stop_cmd = re.search(r"stop it with `([^`]+)`", text).group(1)
+    resume_cmd = re.search(r"continue it with `([^`]+)`", text).group(1)
+    assert f"--resume {run_dir}" in resume_cmd
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "-c", stop_cmd], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, (stop_cmd, res.stdout[-1500:], res.stderr[-1500:])
+
+    proc = c.procs["ext"]
+    below = descendants(proc.pid)
+    assert below, "site join runs flower-supernode and the app gate"
+    proc.send_signal(signal.SIGTERM)  # systemd's stop: the process alone
+    code, took = stopped_within(proc, 10)
+    c.procs.pop("ext")
+    text = " ".join(c.logs["ext"].read_text(errors="replace").split())
+    assert code == 0 and took < 10, (code, took, text[-2000:])
+    assert "Traceback" not in text and "left the consortium (SIGTERM)" in text, text[-2000:]
+    wait_for(lambda: not any(alive(p) for p in below), 15, "no SuperNode, gate or ClientApp left behind")
+    rejoin = re.search(r"Rejoin with `([^`]+)`", text).group(1)
+    assert rejoin.startswith("rectalfl site join ") and "--name ext" in rejoin
+    connected = c.logs["ext"].read_text(errors="replace").count("SuperNode ID")
+    assert connected >= 1, c.tail("ext")
+    with open(c.logs["ext"], "ab") as fh:  # the printed command, as the IT team would paste it
+        c.procs["ext"] = subprocess.Popen(["bash", "-c", rejoin], env={**env, "COLUMNS": "200"}, stdout=fh,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: c.logs["ext"].read_text(errors="replace").count("SuperNode ID") > connected, 180,
+             "ext connected again through the printed command", every=2, logs=c.tail("ext"))
