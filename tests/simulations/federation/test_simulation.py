@@ -20,12 +20,15 @@ from server.pipeline import simulation_sites
 from server.store import RunStore
 from shared.records import unflatten_states
 from simulations.runner import run_simulation
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-def _copy_consortium(cfg, root: Path):
-    new = cfg.model_copy(update={"cache_root": root / "cache", "runs_root": root / "runs"})
+def _copy_consortium(cfg, root: Path, **overrides: object):
+    """The session's consortium with its own cache and runs folder (and config ``overrides``, dotted)."""
+    new = tiny_config(Path(cfg.data_root).parent, **overrides)
+    new = new.model_copy(update={"cache_root": root / "cache", "runs_root": root / "runs"})
     shutil.copytree(cfg.cache_root, new.cache_root)
     return new
 
@@ -38,7 +41,8 @@ def _final_states(run_dir: Path, like):
 @pytest.fixture(scope="module")
 def fed_run(tiny_consortium, tmp_path_factory):
     root = tmp_path_factory.mktemp("fed")
-    cfg = _copy_consortium(tiny_consortium, root)
+    # FDL, CR and CRD only: the variants are the same fitting code (tests/simulations/fusion cover them)
+    cfg = _copy_consortium(tiny_consortium, root, **{"fusion.variants": False})
     run_dir = run_simulation(cfg, run_dir=root / "runs" / "A", prepare=False)
     return cfg, run_dir
 
@@ -126,7 +130,7 @@ def test_resume_after_a_crash_gives_the_same_final_weights(fed_run, tmp_path) ->
 
 
 def test_a_failing_site_is_recorded_and_the_round_goes_on(tiny_consortium, tmp_path) -> None:
-    cfg = _copy_consortium(tiny_consortium, tmp_path)
+    cfg = _copy_consortium(tiny_consortium, tmp_path, **{"fusion.enabled": False})  # training and evaluation only
     (Path(cfg.cache_root) / "site_c" / "manifest.csv").write_text("this is not a manifest\n\x00\x01")
     run_dir = run_simulation(cfg, run_dir=tmp_path / "runs" / "F", prepare=False)
     with RunStore.open_run_dir(run_dir, readonly=True) as store:
