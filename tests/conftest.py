@@ -8,6 +8,38 @@ import pytest
 
 from shared.config import RectalFLConfig, parse_config
 
+# The modules that take longest (seconds in one process, measured with `--durations`), longest first.
+# The suite runs on two workers (pyproject's addopts), a module at a time; starting these first keeps a
+# long module from being the last thing one worker does while the other is idle.
+LONGEST_FIRST = [
+    "tests/simulations/federation/test_simulation.py",
+    "tests/simulations/test_compare.py",
+    "tests/deployment/test_deployment.py",
+    "tests/simulations/test_signals.py",
+    "tests/simulations/test_resume_baselines.py",
+    "tests/client/test_explain.py",
+    "tests/deployment/test_control_plane.py",
+    "tests/simulations/test_dp_federation.py",
+    "tests/client/test_dp.py",
+    "tests/deployment/test_closed_setup_units.py",
+    "tests/simulations/fusion/test_analysis.py",
+]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest modules first (see LONGEST_FIRST); the rest keep their order."""
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    root = Path(str(config.rootpath))
+
+    def key(item: pytest.Item) -> int:
+        try:
+            rel = Path(str(item.path)).relative_to(root).as_posix()
+        except ValueError:
+            return len(rank)
+        return rank.get(rel, len(rank))
+
+    items.sort(key=key)  # stable: the order within a module, and of the other modules, is kept
+
 
 def tiny_config(root: Path, **overrides: object) -> RectalFLConfig:
     """A consortium small enough for CPU tests: 3 training sites + 1 external, 32x32 slices.
