@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.orchestrator import exchange_riding_out_errors
+from server.orchestrator import _ProgressGrid, exchange_riding_out_errors
 
 
 class FlakyGrid:
@@ -59,3 +59,41 @@ def test_missing_replies_end_at_the_timeout() -> None:
     grid = Silent(2, fail=0)
     assert exchange_riding_out_errors(grid, [object()] * 2, timeout=0.05, poll_s=0.01) == []
     assert grid.pushes == 1 and grid.pulls >= 2
+
+
+class OwnLoopGrid(FlakyGrid):
+    """A grid with its own ``send_and_receive`` (as the simulation's interruptible grid has)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, fail=0)
+        self.own = 0
+
+    def send_and_receive(self, msgs, *, timeout=None):
+        self.own += 1
+        ids = self.push_messages(msgs)
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), has_error=lambda: False) for i in ids]
+
+
+def test_only_a_network_grid_is_polled_every_3_s(tmp_path, monkeypatch) -> None:
+    """The simulation engine's grid keeps its own loop: a statistics exchange is not held to a 3 s poll."""
+    import time
+
+    grid = OwnLoopGrid(3)
+    view = _ProgressGrid(grid, tmp_path / "progress.json", lambda: "analysis")
+    t0 = time.monotonic()
+    replies = list(view.send_and_receive([object()] * 3, timeout=60))
+    assert len(replies) == 3 and grid.own == 1 and time.monotonic() - t0 < 1.0
+
+    class HttpGrid(FlakyGrid):  # named as Flower's Deployment Engine grid: pulls are ridden out
+        pass
+
+    net = HttpGrid(2, fail=1)
+    import server.orchestrator as orch
+
+    calls = []
+    real = orch.exchange_riding_out_errors
+    monkeypatch.setattr(orch, "exchange_riding_out_errors",
+                        lambda g, m, t: calls.append(g) or real(g, m, t, poll_s=0, backoff_s=0))
+    out = list(_ProgressGrid(net, tmp_path / "p2.json", lambda: "analysis").send_and_receive([object()] * 2,
+                                                                                           timeout=60))
+    assert calls == [net] and len(out) == 2 and net.pulls == 3  # one failed pull tried again
