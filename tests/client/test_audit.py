@@ -124,7 +124,7 @@ def test_cli_prints_writes_html_and_json(cache: Path, tmp_path: Path) -> None:
     assert page.read_text().startswith("<!doctype html>")
     res = runner.invoke(_cli(), ["audit", "--cache", str(cache / "audit.jsonl"), "--run", "run-2", "--json"])
     assert res.exit_code == 0, res.output
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)  # stdout alone: a log line on stderr (e.g. a warning) is not part of the JSON
     assert data == json.loads(json.dumps(report_to_dict(build_report(cache, "run-2")) | {
         "generated_at": data["generated_at"]}))
     assert [e["outcome"] for e in data["runs"][0]["entries"]] == ["answered", "refused"]

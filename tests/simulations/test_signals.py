@@ -74,12 +74,13 @@ class Command:
             self.fh.close()
         leftovers = session_processes(self.proc.pid)
         if leftovers:
+            named = describe(leftovers)  # before they are killed
             for pid in leftovers:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            pytest.fail(f"processes left behind: {leftovers}")
+            pytest.fail(f"processes left behind: {named}")
         return rc
 
     def kill(self) -> None:
@@ -90,7 +91,19 @@ class Command:
         self.fh.close()
 
 
-def session_processes(sid: int, grace: float = 5.0) -> list[int]:
+def describe(pids: list[int]) -> list[str]:
+    """``pid: command line`` of each process (for a failure message; it may be gone already)."""
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+        except OSError:
+            cmd = "?"
+        out.append(f"{pid}: {cmd}")
+    return out
+
+
+def session_processes(sid: int, grace: float = 15.0) -> list[int]:
     """Live (non-zombie) processes of session ``sid``, after up to ``grace`` seconds for them to go."""
     end = time.monotonic() + grace
     while True:
