@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,21 @@ class Command:
                 return
             if self.proc.poll() is not None:
                 pytest.fail(f"ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.output[-3000:]}")
-            time.sleep(0.2)
+            time.sleep(0.05)
         self.kill()
         pytest.fail(f"no {pattern!r} within {timeout:.0f} s:\n{self.output[-3000:]}")
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 420.0) -> None:
+        """Poll ``ready()`` every 20 ms (for files the command writes) while the command runs."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if ready():
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(f"ended (rc {self.proc.returncode}) before {what}:\n{self.output[-3000:]}")
+            time.sleep(0.02)
+        self.kill()
+        pytest.fail(f"no {what} within {timeout:.0f} s:\n{self.output[-3000:]}")
 
     def stop(self, sig: int, *, group: bool) -> tuple[int, float]:
         """Send ``sig`` (to the whole process group when ``group``); return (exit code, seconds to exit)."""
@@ -224,11 +237,14 @@ def test_federated_signal_to_the_process_alone_while_the_engine_starts(consortiu
 ])
 def test_baselines_stop_and_resume(consortium, tmp_path: Path, mode: str, sig: int, group: bool,
                                    stage: str) -> None:
-    cfg = consortium(federation={"rounds": 2})
+    # 40 epochs, signalled after the first: on a fast machine an epoch of the tiny model takes ~0.03 s, and
+    # with 2 (or 4) epochs the signal arrived after the stage had ended (seen: stage None, then signatures)
+    epochs = 40
+    cfg = consortium(federation={"rounds": epochs})
     run_dir = tmp_path / "runs" / mode
     cmd = Command(["simulate", "--config", str(cfg), "--mode", mode, "--run-dir", str(run_dir)], tmp_path / "a.log")
     model = stage.split(":")[1]
-    cmd.wait_for(rf"{model} epoch 1/2")
+    cmd.wait_for(rf"{model} epoch 1/{epochs}")
     rc, seconds = cmd.stop(sig, group=group)
     again = stopped_cleanly(cmd, rc, seconds, sig)
     assert again == f"rectalfl simulate --resume {run_dir}"
@@ -243,7 +259,7 @@ def test_baselines_stop_and_resume(consortium, tmp_path: Path, mode: str, sig: i
     status, stages, events, rounds = record(run_dir)
     assert status == "completed" and "resumed" in set(events["kind"])
     again_rounds = rounds[rounds["stage"] == stage]
-    assert sorted(again_rounds["round"]) == [1, 2] and (again_rounds["status"] == "completed").all()
+    assert sorted(again_rounds["round"]) == list(range(1, epochs + 1)) and (again_rounds["status"] == "completed").all()
     assert (run_dir / "tables" / "signature_auc.csv").is_file()
 
 
@@ -305,11 +321,19 @@ def test_site_preprocess_keeps_finished_volumes(consortium, tiny_consortium, tmp
 
 @pytest.mark.slow
 def test_synth_ctrl_c_then_the_printed_command_finishes(consortium, tmp_path: Path) -> None:
+    # twice the tiny cohort, signalled as soon as the first patients are on disk (a fixed 2 s sleep was longer
+    # than the whole synthesis on a fast machine: 100 patients in 1.8 s)
+    import yaml
+
     cfg = consortium()
+    data = yaml.safe_load(cfg.read_text())
+    for site in data["synth"]["sites"]:
+        site["patients"] *= 2
+    cfg.write_text(yaml.safe_dump(data))
     target = tmp_path / "cohort"
     cmd = Command(["synth", "--config", str(cfg), "--out", str(target), "-j", "2"], tmp_path / "a.log")
     cmd.wait_for(r"generating \d+ synthetic patients")
-    time.sleep(2.0)
+    cmd.wait_until(lambda: len(list(target.glob("*/*/"))) >= 4, "the first patients on disk")
     rc, seconds = cmd.stop(signal.SIGINT, group=True)
     again = stopped_cleanly(cmd, rc, seconds, signal.SIGINT)
     assert again == f"rectalfl synth --config {cfg} --out {target} -j 2"
