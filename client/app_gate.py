@@ -140,8 +140,12 @@ def _die_with_parent() -> Any:
 
 
 def superexec(runtime_api_address: str, secret_file: Path, allowed: list[str], audit_log: Path | None, site: str,
-              parent_pid: int | None, poll_s: float = 1.0) -> None:
-    """Claim ClientApp tasks from the SuperNode and start one gated ``clientapp`` process for each."""
+              parent_pid: int | None, poll_s: float = 0.25) -> None:
+    """Claim ClientApp tasks from the SuperNode and start one gated ``clientapp`` process for each.
+
+    The SuperNode's runtime API is asked every ``poll_s`` (a loopback request): every message of a run
+    waits for this claim, so 0.25 s (Flower's SuperExec default is 1 s) takes ~0.4 s off each on average.
+    """
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.auth import load_superexec_auth_secret

@@ -97,3 +97,45 @@ def test_only_a_network_grid_is_polled_every_3_s(tmp_path, monkeypatch) -> None:
     out = list(_ProgressGrid(net, tmp_path / "p2.json", lambda: "analysis").send_and_receive([object()] * 2,
                                                                                            timeout=60))
     assert calls == [net] and len(out) == 2 and net.pulls == 3  # one failed pull tried again
+
+
+def test_polls_start_short_and_back_off_to_the_cap(monkeypatch) -> None:
+    """A reply that is ready 0.3 s after the push is collected within a fraction of a second (Flower's own
+    loop waits a fixed 3 s), and a site that takes long is polled at most every ``poll_max_s``."""
+    import server.orchestrator as orch
+
+    clock = {"t": 0.0}
+    sleeps: list[float] = []
+    monkeypatch.setattr(orch.time, "time", lambda: clock["t"])
+
+    def fake_sleep(s: float) -> None:
+        sleeps.append(s)
+        clock["t"] += s
+
+    monkeypatch.setattr(orch.time, "sleep", fake_sleep)
+
+    class Late(FlakyGrid):
+        def __init__(self, ready_at: float) -> None:
+            super().__init__(1, fail=0)
+            self.ready_at = ready_at
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if clock["t"] < self.ready_at:
+                return []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids]
+
+    quick = Late(0.3)
+    assert len(exchange_riding_out_errors(quick, [object()], timeout=60)) == 1
+    assert clock["t"] < 0.6, f"a reply ready at 0.3 s was collected at {clock['t']:.2f} s"
+
+    clock["t"], sleeps[:] = 0.0, []
+    slow = Late(20.0)
+    assert len(exchange_riding_out_errors(slow, [object()], timeout=60, poll_max_s=1.0)) == 1
+    assert max(sleeps) <= 1.0 and 20.0 <= clock["t"] <= 21.0
+    assert slow.pulls < 40, f"{slow.pulls} pulls in 20 s: the backoff does not reach its cap"
+
+    clock["t"], sleeps[:] = 0.0, []
+    never = Late(1e9)
+    assert exchange_riding_out_errors(never, [object()], timeout=5.0) == []
+    assert clock["t"] <= 5.0 + 1e-9, "the last wait ran past the timeout"
