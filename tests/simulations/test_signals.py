@@ -231,15 +231,14 @@ def test_federated_signal_to_the_process_alone_while_the_engine_starts(consortiu
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mode", "sig", "group", "stage"), [
-    ("pooled", signal.SIGINT, True, "train:pooled"),
-    ("local", signal.SIGTERM, False, "train:local-site_b"),
+@pytest.mark.parametrize(("mode", "sig", "group", "stage", "epochs"), [
+    ("pooled", signal.SIGINT, True, "train:pooled", 3),
+    # one site's tiny model trains an epoch in ~0.05 s on a fast machine: with 2 epochs the signal, sent on
+    # the log line of epoch 1, arrived after the stage had ended (seen twice)
+    ("local", signal.SIGTERM, False, "train:local-site_b", 10),
 ])
 def test_baselines_stop_and_resume(consortium, tmp_path: Path, mode: str, sig: int, group: bool,
-                                   stage: str) -> None:
-    # 40 epochs, signalled after the first: on a fast machine an epoch of the tiny model takes ~0.03 s, and
-    # with 2 (or 4) epochs the signal arrived after the stage had ended (seen: stage None, then signatures)
-    epochs = 40
+                                   stage: str, epochs: int) -> None:
     cfg = consortium(federation={"rounds": epochs})
     run_dir = tmp_path / "runs" / mode
     cmd = Command(["simulate", "--config", str(cfg), "--mode", mode, "--run-dir", str(run_dir)], tmp_path / "a.log")
