@@ -110,7 +110,9 @@ def test_cohort_tables_take_the_internal_test_best_as_the_reference() -> None:
 @pytest.fixture(scope="module")
 def compared(tiny_consortium, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    cfg = tiny_consortium.model_copy(update={"cache_root": root / "cache", "runs_root": root / "runs"})
+    # T2W only (two backbones per run instead of four): what is tested is the comparison, not the fusion inputs
+    data = tiny_consortium.data.model_copy(update={"sequences": ["t2w"]})
+    cfg = tiny_consortium.model_copy(update={"cache_root": root / "cache", "runs_root": root / "runs", "data": data})
     shutil.copytree(tiny_consortium.cache_root, cfg.cache_root)
     target = compare_backbones(cfg, ["densenet_tiny", "convnext_t_tiny"], rounds=2, compare_dir=root / "cmp",
                                prepare=False)
