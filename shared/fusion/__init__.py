@@ -16,7 +16,8 @@ SVM whose ``C`` and ``gamma`` are tuned by cross-validation, with Platt-scaled p
   the reference).
 """
 
-from .estimators import FederatedSVC, PooledSVC
+from typing import Any
+
 from .model import SVMModel, landmarks, models_from_payload, models_to_payload, rff, shapley_values, sigmoid
 from .protocol import (
     DEFAULT_C,
@@ -46,3 +47,14 @@ __all__ = [
     "shapley_values",
     "sigmoid",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``FederatedSVC`` / ``PooledSVC`` on first use: they import scikit-learn (~0.6 s), which a site's
+    ClientApp (a fresh process for every message in deployment) never needs for its own work."""
+    if name in ("FederatedSVC", "PooledSVC"):
+        from . import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
