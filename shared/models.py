@@ -100,7 +100,10 @@ def _densenet_small(blocks: tuple[int, ...]) -> Callable[[int], nn.Module]:
 def _resnet(depth: int) -> Callable[[int], nn.Module]:
     def make(size: int) -> nn.Module:
         factory = {18: nets.resnet18, 34: nets.resnet34, 50: nets.resnet50}[depth]
-        return factory(spatial_dims=2, n_input_channels=1, num_classes=1)
+        # He et al.'s stem: 7x7 convolution with stride 2, then max-pooling. MONAI's default first stride
+        # is 1, which keeps 4x the activations in every stage: ResNet-50 trained at 0.7 img/s with 17.5 GB
+        # resident at 256x256, batch 32 on 2 CPU cores, against 5.7 img/s for SE-ResNet-50 (stride 2).
+        return factory(spatial_dims=2, n_input_channels=1, num_classes=1, conv1_t_stride=2)
 
     return make
 
