@@ -45,25 +45,17 @@ class Command:
         return self.log.read_text(errors="replace")
 
     def wait_for(self, pattern: str, timeout: float = 420.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if re.search(pattern, self.output):
-                return
-            if self.proc.poll() is not None:
-                pytest.fail(f"ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.output[-3000:]}")
-            time.sleep(0.05)
-        self.kill()
-        pytest.fail(f"no {pattern!r} within {timeout:.0f} s:\n{self.output[-3000:]}")
+        self.wait_until(lambda: re.search(pattern, self.output) is not None, repr(pattern), timeout, every=0.05)
 
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 420.0) -> None:
-        """Poll ``ready()`` every 20 ms (for files the command writes) while the command runs."""
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 420.0, every: float = 0.02) -> None:
+        """Poll ``ready()`` every ``every`` seconds while the command runs."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if ready():
                 return
             if self.proc.poll() is not None:
                 pytest.fail(f"ended (rc {self.proc.returncode}) before {what}:\n{self.output[-3000:]}")
-            time.sleep(0.02)
+            time.sleep(every)
         self.kill()
         pytest.fail(f"no {what} within {timeout:.0f} s:\n{self.output[-3000:]}")
 
