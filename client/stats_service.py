@@ -511,11 +511,21 @@ class StatsService:
         return out
 
     def step(self, run: str, request: Mapping[str, Any]) -> dict[str, Any]:
-        """One pipelined round: unmask totals, advance or release, mask the next contributions, share, advertise."""
-        reply: dict[str, Any] = {"released": {}, "failed": {}, "masked": {}, "envelopes": {}, "adverts": {}}
+        """One protocol round: unmask totals and advance (or release), mask the next contributions, share keys.
+
+        ``totals``    ``{session: sum}`` of the contributions this site masked in the previous step
+        ``plan``      ``{session: [query ids]}`` whose next contributions to mask in that session
+        ``envelopes`` ``{session: {sender: envelope}}`` for a session's first mask only (later rounds
+                      reuse its keys: :meth:`shared.secagg.SiteSecAgg.mask_next`)
+        ``share``     ``{session: adverts}`` for sessions advertised at ``open``
+
+        The site closes a session (its keys are destroyed) once no query in it is still open here.
+        """
+        reply: dict[str, Any] = {"released": {}, "failed": {}, "masked": {}, "envelopes": {}}
+        sessions = self.run_dir(run) / "sessions"
         # 1. totals of the sessions masked in the previous step
         for sid, total in (request.get("totals") or {}).items():
-            smap = _read_json(self.run_dir(run) / "sessions" / f"{sid}.json")
+            smap = _read_json(sessions / f"{sid}.json")
             if smap is None:
                 raise ValueError(f"site {self.site}: no contribution was masked in session {sid!r}")
             plain = self._sa().unmask(str(sid), total)
@@ -532,15 +542,17 @@ class StatsService:
                         reply["released"][qid] = rel
                 except (ValueError, RuntimeError, KeyError) as exc:
                     reply["failed"][qid] = str(exc)
-        # 2. mask this step's contributions
-        for sid, envelopes in (request.get("envelopes") or {}).items():
-            adv = _read_json(self.run_dir(run) / "sessions" / f"{sid}.adv.json")
+            if not any(self._meta(run, q)["status"] == "open" for q in smap["qids"]):
+                self._sa().close(str(sid))  # nothing left to sum here: destroy the session's keys
+        # 2. mask this step's contributions (a session's first round opens the peers' seeds)
+        envelopes_by_sid = request.get("envelopes") or {}
+        for sid, qids in (request.get("plan") or {}).items():
+            adv = _read_json(sessions / f"{sid}.adv.json")
             if adv is None:
                 raise ValueError(f"site {self.site}: session {sid!r} was never advertised in run {run!r}")
             parts = adv["participants"]
-            qids = [str(q) for q in (request.get("plan") or {}).get(sid, [])]
             contrib, specs, used = {}, {}, []
-            for qid in qids:
+            for qid in [str(q) for q in qids]:
                 try:
                     meta, proto, state, data = self._load(run, qid)
                 except ValueError as exc:
@@ -565,14 +577,17 @@ class StatsService:
                     specs[f"{qid}{KEY_SEP}{kk}"] = v
                 used.append(qid)
             if not used:
+                self._sa().close(str(sid))
                 continue
             self._budget(run, len(used))
-            _atomic_json(self.run_dir(run) / "sessions" / f"{sid}.json", {"qids": used})
-            reply["masked"][sid] = self._sa().mask(str(sid), envelopes, contrib, specs)
-        # 3. share the sessions advertised in the previous step, 4. advertise new ones
+            _atomic_json(sessions / f"{sid}.json", {"qids": used})
+            if sid in envelopes_by_sid:
+                reply["masked"][sid] = self._sa().mask(str(sid), envelopes_by_sid[sid], contrib, specs, keep=True)
+            else:
+                reply["masked"][sid] = self._sa().mask_next(str(sid), contrib, specs)
+        # 3. share the sessions advertised at open
         for sid, adverts in (request.get("share") or {}).items():
             reply["envelopes"][sid] = self._sa().share(str(sid), adverts)
-        reply["adverts"] = self._advertise(run, request.get("advertise") or {})
         return reply
 
     def handle(self, run: str, request: Mapping[str, Any]) -> dict[str, Any]:

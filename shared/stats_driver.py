@@ -5,12 +5,16 @@ and the sites that answer together) and nothing else: the sites check every ques
 own policy (:mod:`client.stats_service`), derive every intermediate quantity themselves, and the
 server only ever sees securely aggregated (masked) vectors and the final, disclosure-checked
 releases. This module drives many queries at once over any transport (Flower messages on either
-engine, or in-process sites), pipelining the secure-aggregation rounds so that each protocol round
-costs one message per site:
+engine, or in-process sites). Queries that share a participant set share one *kept*
+secure-aggregation session (:meth:`shared.secagg.SiteSecAgg.mask_next`): its keys are set up once,
+then each protocol round costs one message per site:
 
-``open``   the questions; single-site queries are answered at once; sessions for round 1 advertised
-``step t`` unmask the totals of round t-2's session and advance (or release); mask round t-1's
-           contributions; share the keys of session t; advertise session t+1
+``open``    the questions; single-site queries are answered at once; the group's session advertised
+``step 1``  the sites share their group seeds (sealed to each peer)
+``step 2``  the sites open the seeds and mask round 1's contributions
+``step t``  the sites unmask round t-2's totals and advance (or release), then mask round t-1's
+            contributions in the same session (fresh masks per round); a site closes the session
+            once every query in it is done
 
 A site that does not answer during a query's protocol ends that attempt (nothing is unmaskable
 without it); the query is run again once without that site, and the result says so. A query
@@ -82,19 +86,21 @@ def _close(a: Any, b: Any, rtol: float = 1e-9) -> bool:
 
 
 class _Group:
-    """Queries that share one participant set, and their chain of secure-aggregation sessions."""
+    """Queries that share one participant set, and their kept secure-aggregation session."""
 
     def __init__(self, gid: str, participants: tuple[str, ...]) -> None:
         self.gid = gid
         self.participants = participants
         self.queries: list[SiteQuery] = []
-        self.adverts: dict[int, dict[str, Any]] = {}  # session index -> {site: advert}
-        self.inbox: dict[int, dict[str, dict[str, np.ndarray]]] = {}  # session index -> {receiver: {sender: env}}
-        self.total: tuple[int, dict[str, np.ndarray]] | None = None  # (session index, Y) to send next
+        self.adverts: dict[str, Any] = {}  # site -> advert
+        self.shared = False  # share request sent
+        self.inbox: dict[str, dict[str, np.ndarray]] | None = None  # receiver -> {sender: envelope}
+        self.masked_rounds = 0
+        self.total: dict[str, np.ndarray] | None = None  # the sum to send back next
         self.dead = False
 
-    def sid(self, run: str, i: int) -> str:
-        return f"{run}.{self.gid}.s{i}"
+    def sid(self, run: str) -> str:
+        return f"{run}.{self.gid}.s1"
 
     def active(self) -> list[SiteQuery]:
         return [q for q in self.queries if q.released is None and q.error is None]
@@ -162,7 +168,7 @@ def run_site_queries(queries: list[SiteQuery], transport: Transport, *, run: str
     requests = {}
     for s in sites:
         qs = [q.spec() for q in queries if s in q.participants]
-        adv = {g.sid(run, 1): list(g.participants) for g in groups.values() if s in g.participants}
+        adv = {g.sid(run): list(g.participants) for g in groups.values() if s in g.participants}
         requests[s] = {"op": "open", "k": int(k), "role": roles.get(s), "queries": qs, "advertise": adv}
     replies = transport(requests)
     for s in sites:
@@ -190,40 +196,45 @@ def run_site_queries(queries: list[SiteQuery], transport: Transport, *, run: str
         take_releases(s, {"released": rep.get("released") or {}})
         for sid, advert in (rep.get("adverts") or {}).items():
             for g in groups.values():
-                if sid == g.sid(run, 1):
-                    g.adverts.setdefault(1, {})[s] = advert
+                if sid == g.sid(run):
+                    g.adverts[s] = advert
     settle()
 
-    # ---- pipelined steps
-    for t in range(1, max_steps + 1):
+    # ---- steps: share once, then one mask (and, from the second, one unmask) per protocol round
+    for _t in range(1, max_steps + 1):
         live = [g for g in groups.values() if not g.dead and (g.active() or g.total is not None)]
         if not live:
             break
-        requests = {s: {"op": "step", "totals": {}, "envelopes": {}, "plan": {}, "share": {}, "advertise": {}}
-                    for s in sites}
-        masking: dict[str, tuple[_Group, int]] = {}
+        requests = {s: {"op": "step", "totals": {}, "envelopes": {}, "plan": {}, "share": {}} for s in sites}
+        masking: list[_Group] = []
+        sharing: list[_Group] = []
         for g in live:
-            active = g.active()
+            sid, active = g.sid(run), g.active()
             if g.total is not None:
-                i, y = g.total
                 for s in g.participants:
-                    requests[s]["totals"][g.sid(run, i)] = y
-            if active and (t - 1) in g.inbox:
-                sid = g.sid(run, t - 1)
-                masking[sid] = (g, t - 1)
+                    requests[s]["totals"][sid] = g.total
+                g.total = None
+            if not active:
+                continue
+            if g.inbox is not None:
+                masking.append(g)
                 for s in g.participants:
-                    requests[s]["envelopes"][sid] = g.inbox[t - 1].get(s, {})
                     requests[s]["plan"][sid] = [q.qid for q in active]
-            if active and t in g.adverts:
-                adv = g.adverts[t]
+                    if g.masked_rounds == 0:
+                        requests[s]["envelopes"][sid] = g.inbox.get(s, {})
+            elif not g.shared and set(g.adverts) == set(g.participants):
+                sharing.append(g)
+                g.shared = True
                 for s in g.participants:
-                    requests[s]["share"][g.sid(run, t)] = adv
-            if active:
-                for s in g.participants:
-                    requests[s]["advertise"][g.sid(run, t + 1)] = list(g.participants)
-        for g in live:
-            g.total = None
-        needed = {s for s, r in requests.items() if any(r[f] for f in ("totals", "envelopes", "share", "advertise"))}
+                    requests[s]["share"][sid] = g.adverts
+            elif not g.shared:
+                g.dead = True  # an advert never came: nothing can be masked in this session
+                for q in active:
+                    q.error = "not every site advertised the secure-aggregation session"
+                    q.dropped = [s for s in g.participants if s not in g.adverts]
+        needed = {s for s, r in requests.items() if any(r[f] for f in ("totals", "plan", "share"))}
+        if not needed:
+            continue
         replies = transport({s: requests[s] for s in needed})
         for s in needed:
             if s in replies:
@@ -237,35 +248,35 @@ def run_site_queries(queries: list[SiteQuery], transport: Transport, *, run: str
                     q.error = f"site(s) {', '.join(lost)} stopped answering during the protocol"
                     q.dropped = lost
                 continue
-            # sums of this step's masked inputs -> next step's totals
-            for sid, (gg, i) in masking.items():
-                if gg is not g:
-                    continue
+            sid = g.sid(run)
+            if g in masking:  # the sum of this step's masked inputs -> next step's totals
                 masked = {s: replies[s].get("masked", {}).get(sid) for s in g.participants}
                 have = {s: v for s, v in masked.items() if v is not None}
-                if not have:
-                    continue  # every query of the group finished this step
+                if have:  # (none: every query of the group finished this step)
+                    try:
+                        g.total = aggregate(have, list(g.participants), session_id=sid)
+                        g.masked_rounds += 1
+                    except SecAggDropout as exc:
+                        g.dead = True
+                        for q in g.active():
+                            q.error = f"site(s) {', '.join(exc.missing)} sent no masked input"
+                            q.dropped = list(exc.missing)
+                    except ValueError as exc:
+                        g.dead = True
+                        for q in g.active():
+                            q.error = f"masked inputs do not fit together: {exc}"
+                    for q in g.active():
+                        q.rounds += 1
+            if g in sharing and not g.dead:
+                shares = {s: replies[s].get("envelopes", {}).get(sid) for s in g.participants}
                 try:
-                    g.total = (i, aggregate(have, list(g.participants), session_id=sid))
-                except SecAggDropout as exc:
+                    g.inbox = route_envelopes({s: v for s, v in shares.items() if v is not None},
+                                              list(g.participants), session_id=sid)
+                except (SecAggDropout, ValueError) as exc:
                     g.dead = True
                     for q in g.active():
-                        q.error = f"site(s) {', '.join(exc.missing)} sent no masked input"
-                        q.dropped = list(exc.missing)
-                except ValueError as exc:
-                    g.dead = True
-                    for q in g.active():
-                        q.error = f"masked inputs do not fit together: {exc}"
-                for q in g.active():
-                    q.rounds += 1
-            if g.dead:
-                continue
-            shares = {s: replies[s].get("envelopes", {}).get(g.sid(run, t)) for s in g.participants}
-            if all(v is not None for v in shares.values()):
-                g.inbox[t] = route_envelopes(shares, list(g.participants), session_id=g.sid(run, t))
-            adverts = {s: replies[s].get("adverts", {}).get(g.sid(run, t + 1)) for s in g.participants}
-            if all(v is not None for v in adverts.values()):
-                g.adverts[t + 1] = adverts
+                        q.error = f"the secure-aggregation key exchange failed: {exc}"
+                        q.dropped = list(getattr(exc, "missing", []))
         settle()
     for q in queries:
         if q.released is None and q.error is None:

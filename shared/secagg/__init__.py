@@ -23,6 +23,12 @@ an integrity tag), for a session id and a participant list chosen by the caller:
 4. **unmask** (site): subtracts ``R``, checks every element is within the declared bounds and the
    tag matches (else :class:`SecAggIntegrityError`), decodes.
 
+**Kept sessions** (``mask(..., keep=True)``): a multi-round computation (Newton steps, a CV path)
+runs rounds 3-4 again in the same session, ``mask_next`` after each ``unmask``, instead of setting
+up a session per round. The pairwise keys and ``K`` stay on site (mode-0600 state) until ``close``
+or the TTL counted from the last round; every round's masks, group mask and MAC key are bound to
+the round number, a round is masked at most once and only after the previous one was unmasked.
+
 Why four rounds, not three: the tag must be computed with a key all sites share and the server does
 not know, *before* the site's masked input is sent. Ephemeral keys only give pairwise secrets once
 every advert is known, so the seeds travel in their own round (as Bonawitz's ShareKeys round).

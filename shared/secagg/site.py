@@ -209,9 +209,23 @@ class SiteSecAgg:
 
     @staticmethod
     def _ctx(st: dict[str, Any], layout: list[list[Any]], reveal: bool) -> bytes:
-        """Digest of everything the sites must agree on; every mask and MAC key is bound to it."""
-        return digest(PROTOCOL, b"layout", st["session"], st["query"], ",".join(st["participants"]),
-                      json.dumps(layout, separators=(",", ":")), b"reveal" if reveal else b"hide")
+        """Digest of everything the sites must agree on; every mask and MAC key is bound to it.
+
+        From a kept session's second round on, the round number is bound too: each round's masks are
+        fresh, so two rounds' masked vectors cannot be differenced.
+        """
+        parts = [PROTOCOL, b"layout", st["session"], st["query"], ",".join(st["participants"]),
+                 json.dumps(layout, separators=(",", ":")), b"reveal" if reveal else b"hide"]
+        r = int(st.get("round", 1))
+        if r >= 2:
+            parts.append(f"round={r}")
+        return digest(*parts)
+
+    @staticmethod
+    def _query_name(st: dict[str, Any]) -> str:
+        """The ledger name of what a round unmasks: the query, and for a kept session's later rounds ``#rN``."""
+        r = int(st.get("round", 1))
+        return st["query"] if r < 2 else f"{st['query']}#r{r}"
 
     # -------------------------------------------------------------------- round 1: advertise
     def advertise(self, session_id: str, participants: Sequence[str] | str, *,
@@ -379,8 +393,8 @@ class SiteSecAgg:
 
     def mask(self, session_id: str, envelopes: Mapping[str, Any], contribution: Mapping[str, Any],
              spec: Mapping[str, ArraySpec | Mapping[str, float | int]], *,
-             reveal_total: bool = False) -> dict[str, np.ndarray]:
-        """Round 3: open the peers' seeds, then return the masked, tagged contribution (once per session).
+             reveal_total: bool = False, keep: bool = False) -> dict[str, np.ndarray]:
+        """Round 3: open the peers' seeds, then return the masked, tagged contribution (once per round).
 
         Parameters
         ----------
@@ -395,6 +409,11 @@ class SiteSecAgg:
         reveal_total : bool
             Leave the group mask off the data so the server's sum *is* the encoded total (for totals
             that may be published; the tag stays hidden). Must be the same at every site.
+        keep : bool
+            Keep the session for more rounds (:meth:`mask_next` after each :meth:`unmask`, then
+            :meth:`close`): the pairwise keys and group key are kept on site instead of being set up
+            again per round (see ``docs/secure_aggregation.md``, "kept sessions"). Must be the same at
+            every site.
 
         Returns
         -------
@@ -416,29 +435,71 @@ class SiteSecAgg:
             pair_keys = {p: self._pair_key(st, esk, p, _unb64(st["peers"][p])) for p in parts if p != self.site}
             seeds = self._open_envelopes(st, pair_keys, envelopes)
             k_group = hkdf(b"".join(lp(p, seeds[p]) for p in parts), self._salt(st), lp(PROTOCOL, b"group"))
-            ctx = self._ctx(st, layout, bool(reveal_total))
-            values = np.concatenate([enc[k].view(np.int64) for k in sorted(enc)])
-            coeffs = mac_coefficients(prg_u64(expand(k_group, lp(b"mac", ctx)), MAC_WORDS * values.size))
-            vectors = {**enc, TAG_KEY: tag_limbs(mac(values, coeffs))}
-            for peer in parts:
-                if peer == self.site:
-                    continue
-                for k, vec in vectors.items():
-                    m = prg_u64(expand(pair_keys[peer], lp(b"mask", k, ctx)), vec.size)
-                    if peer > self.site:
-                        vec += m
-                    else:
-                        vec -= m
-            if self.site == parts[0]:  # one site adds the group mask R; only the sites can remove it
-                for k, vec in vectors.items():
-                    if k == TAG_KEY or not reveal_total:
-                        vec += self._group_mask(k_group, k, ctx, vec.size)
-            # the ephemeral secret and seeds are no longer needed: keep only what unmask uses
+            # the ephemeral secret and seeds are no longer needed: keep only what unmask (and later rounds) use
             new = {k: st[k] for k in ("v", "site", "session", "query", "participants", "created")}
-            new.update(phase="masked", k_group=_b64(k_group), layout=layout, reveal=bool(reveal_total))
-            self.store.save(session_id, new)
-        logger.info("site %s masked %d array(s), %d values, in session %r", self.site, len(enc), values.size,
-                    session_id)
+            new.update(k_group=_b64(k_group), round=1, keep=bool(keep))
+            if keep:
+                new["pair_keys"] = {p: _b64(k) for p, k in pair_keys.items()}
+            vectors = self._masked(new, pair_keys, k_group, layout, enc, bool(reveal_total))
+        return vectors
+
+    def mask_next(self, session_id: str, contribution: Mapping[str, Any],
+                  spec: Mapping[str, ArraySpec | Mapping[str, float | int]], *,
+                  reveal_total: bool = False) -> dict[str, np.ndarray]:
+        """The next round of a kept session (``mask(..., keep=True)``): mask a new contribution.
+
+        Allowed only once the previous round's sum was unmasked here (phase ``ready``): the server can
+        never get two masked vectors of one round. Every round's masks, group mask and MAC key are
+        bound to the round number, so rounds cannot be differenced or mixed up.
+
+        Parameters and returns as :meth:`mask` (without ``envelopes``).
+
+        Raises
+        ------
+        ValueError
+            Bad contribution or spec; the session stays usable.
+        SecAggRefused
+            Not a kept session, out of order (previous round not unmasked, or masked twice), expired.
+        """
+        st = self._load(session_id, "ready", "mask")
+        parts = st["participants"]
+        layout, enc = self._layout(contribution, as_specs(spec), len(parts))
+        with self._fail_closed(session_id):
+            pair_keys = {p: _unb64(k) for p, k in st["pair_keys"].items()}
+            st["round"] = int(st["round"]) + 1
+            vectors = self._masked(st, pair_keys, _unb64(st["k_group"]), layout, enc, bool(reveal_total))
+        return vectors
+
+    def close(self, session_id: str) -> None:
+        """Destroy a kept session's keys (after its last round). Closing an unknown session does nothing."""
+        self.store.delete(_check_id(session_id, "session_id"))
+        logger.info("site %s closed session %r", self.site, session_id)
+
+    def _masked(self, st: dict[str, Any], pair_keys: Mapping[str, bytes], k_group: bytes, layout: list[list[Any]],
+                enc: dict[str, np.ndarray], reveal: bool) -> dict[str, np.ndarray]:
+        """Encode + pairwise masks (+ group mask) + tag for the round ``st`` describes; saves ``st`` masked."""
+        parts = st["participants"]
+        ctx = self._ctx(st, layout, reveal)
+        values = np.concatenate([enc[k].view(np.int64) for k in sorted(enc)])
+        coeffs = mac_coefficients(prg_u64(expand(k_group, lp(b"mac", ctx)), MAC_WORDS * values.size))
+        vectors = {**enc, TAG_KEY: tag_limbs(mac(values, coeffs))}
+        for peer in parts:
+            if peer == self.site:
+                continue
+            for k, vec in vectors.items():
+                m = prg_u64(expand(pair_keys[peer], lp(b"mask", k, ctx)), vec.size)
+                if peer > self.site:
+                    vec += m
+                else:
+                    vec -= m
+        if self.site == parts[0]:  # one site adds the group mask R; only the sites can remove it
+            for k, vec in vectors.items():
+                if k == TAG_KEY or not reveal:
+                    vec += self._group_mask(k_group, k, ctx, vec.size)
+        st.update(phase="masked", layout=layout, reveal=reveal, active=self.store.clock())
+        self.store.save(st["session"], st)
+        logger.info("site %s masked %d array(s), %d values, in session %r (round %d)", self.site, len(enc),
+                    values.size, st["session"], int(st.get("round", 1)))
         return vectors
 
     # ----------------------------------------------------------------------- round 4: unmask
@@ -463,13 +524,23 @@ class SiteSecAgg:
             The sum does not verify (altered, forged, mixed up between keys or sessions).
         SecAggRefused
             Never masked, already unmasked, expired, or the query was unmasked in another session.
-            The session's state is destroyed in every case.
+            The session's state is destroyed in every case, except that a kept session whose sum
+            verified stays, ready for :meth:`mask_next`.
         """
         st = self._load(session_id, "masked", "unmask")
+        kept = False
         try:
-            return self._unmask(st, total)
+            out = self._unmask(st, total)
+            if st.get("keep"):  # ready for the next round (mask_next) until closed or expired
+                st.update(phase="ready", active=self.store.clock())
+                for k in ("layout", "reveal"):
+                    st.pop(k, None)
+                self.store.save(session_id, st)
+                kept = True
+            return out
         finally:
-            self.store.delete(session_id)
+            if not kept:
+                self.store.delete(session_id)
 
     def _integrity(self, sid: str, why: str) -> SecAggIntegrityError:
         logger.warning("site %s: sum for session %r does not verify: %s", self.site, sid, why)
@@ -507,8 +578,9 @@ class SiteSecAgg:
         if np.any(limbs >= np.array(TAG_LIMB_BOUNDS, dtype=np.uint64) * np.uint64(n)) \
                 or mac(values, coeffs) != tag_from_limbs(limbs):
             raise self._integrity(sid, "integrity tag mismatch")
-        if not self.store.claim("query", st["query"]):
-            raise self._refused(sid, f"query {st['query']!r} was already unmasked in another session; a site "
+        name = self._query_name(st)
+        if not self.store.claim("query", name):
+            raise self._refused(sid, f"query {name!r} was already unmasked in another session; a site "
                                      "unmasks one session per query")
         logger.info("site %s unmasked session %r", self.site, sid)
         return {k: decode(k, plain[k], specs[k], tuple(shape)) for k, shape, _, _ in layout}

@@ -137,7 +137,7 @@ class SessionStore:
         self._path(session_id).unlink(missing_ok=True)
 
     def expired(self, state: dict[str, Any]) -> bool:
-        age = self.clock() - float(state["created"])
+        age = self.clock() - float(state.get("active", state["created"]))  # a kept session: since its last round
         return not -60.0 <= age <= self.ttl_s  # a clock stepped back by > 1 min counts as expired too
 
     def purge(self) -> int:

@@ -100,11 +100,17 @@ class ClearAgg:
         self._layout[session_id] = (n, (specs, shapes))
         return {k: encode(k, np.asarray(v), specs[k], n) for k, v in contribution.items()}
 
+    def mask_next(self, session_id: str, contribution: dict, spec: dict, **kw: Any) -> dict:
+        return self.mask(session_id, {}, contribution, spec, **kw)
+
     def unmask(self, session_id: str, total: dict) -> dict:
         from shared.secagg import decode
 
-        _, (specs, shapes) = self._layout.pop(session_id)
+        _, (specs, shapes) = self._layout[session_id]
         return {k: decode(k, np.asarray(total[k]), specs[k], shapes[k]) for k in specs}
+
+    def close(self, session_id: str) -> None:
+        self._layout.pop(session_id, None)
 
 
 def plain(name: str, params: dict[str, Any], cols: list[str], tables: dict[str, pd.DataFrame], k: int

@@ -145,3 +145,47 @@ def test_site_with_few_patients_of_a_class_contributes_nothing(tmp_path) -> None
     assert q.ok and q.released["sites_included"] == 2
     df = pooled(cons, ["a", "b"], ["train", "val"], None)
     assert q.released["n"] == [int((df["label"] == 0).sum()), int((df["label"] == 1).sum())]
+
+
+def test_one_kept_session_per_participant_set_closed_when_done(consortium) -> None:
+    """A multi-round query sets up its secure-aggregation keys once (one share, envelopes once), each
+    round's masked reply differs, and every site destroys the session's keys when it is done."""
+    from shared.stats.sc_logistic import LogisticSite
+
+    seen = []
+    inner = inprocess_transport(consortium.services, RUN)
+
+    def spy(requests):
+        replies = inner(requests)
+        seen.append((requests, replies))
+        return replies
+
+    q = SiteQuery("logit", LogisticSite(["pre_t2w", "age"]), "training", ["pre_t2w", "age"], ["a", "b", "c"])
+    s = SiteQuery("sums", ColumnSumsProtocol(n_columns=1), "training", ["age"], ["a", "b", "c"])
+    run_site_queries([q, s], spy, run=RUN, k=5)
+    assert q.ok and s.ok, (q.error, s.error)
+    assert q.rounds >= 3
+    steps = [(req, rep) for req, rep in seen if any(r.get("op") == "step" for r in req.values())]
+    shares = [req for req, _ in steps if any(r.get("share") for r in req.values())]
+    with_env = [req for req, _ in steps if any(r.get("envelopes") for r in req.values())]
+    masks = [rep["a"]["masked"] for _, rep in steps if rep.get("a", {}).get("masked")]
+    assert len(shares) == 1 and len(with_env) == 1 and len(masks) == q.rounds
+    assert not any(r.get("adverts") for _, rep in steps for r in rep.values())  # advertised once, at open
+    tags = [tuple(next(iter(m.values()))["__tag__"].tolist()) for m in masks]
+    assert len(set(tags)) == len(tags)  # fresh masks every round
+    for site in ("a", "b", "c"):
+        assert list((consortium.cache(site) / "secagg" / "sessions").iterdir()) == []
+
+
+def test_a_next_round_before_the_first_is_refused(consortium) -> None:
+    """A server that skips the key exchange (a plan without envelopes for a session never masked) gets a
+    refusal: a site masks only in a session whose seeds it has opened."""
+    from shared.secagg import SecAggRefused
+
+    spec = {"qid": "q1", "protocol": "column_sums", "params": {"n_columns": 1}, "cohort": "training",
+            "columns": ["age"], "participants": ["a", "b", "c"]}
+    svc = consortium.services["a"]
+    rep = svc.handle(RUN, {"op": "open", "k": 5, "queries": [spec], "advertise": {"sx": ["a", "b", "c"]}})
+    assert rep["accepted"] == ["q1"] and "sx" in rep["adverts"]
+    with pytest.raises(SecAggRefused, match=r"phase 'advertised', not 'ready'"):
+        svc.handle(RUN, {"op": "step", "plan": {"sx": ["q1"]}})

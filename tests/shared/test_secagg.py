@@ -583,3 +583,104 @@ def test_with_two_participants_each_learns_the_others_vector(identities, tmp_pat
     data = data_for([A, B], seed=3)
     res = run_secure_sum(data, SPEC, sites=sites)
     assert np.array_equal(res.totals[A]["n"] - data[A]["n"], data[B]["n"])  # why min_sites defaults to 3
+
+
+# ============================================================================ kept sessions
+
+def kept_round1(sites, sid, data, spec=SPEC):
+    parts = sorted(data)
+    inbox = share(sites, sid, advertise(sites, sid, parts))
+    return {p: sites[p].mask(sid, inbox[p], data[p], spec, keep=True) for p in parts}
+
+
+def test_a_kept_session_sums_exactly_round_after_round(sites):
+    sid = "kept"
+    rounds = [data_for([A, B, C], seed=s) for s in range(4)]
+    masked = kept_round1(sites, sid, rounds[0])
+    for r, data in enumerate(rounds):
+        if r:
+            masked = {p: sites[p].mask_next(sid, data[p], SPEC) for p in (A, B, C)}
+        y = aggregate(masked, [A, B, C])
+        for p in (A, B, C):
+            out = sites[p].unmask(sid, y)
+            assert np.array_equal(out["n"], plain_sum(data, "n"))
+            np.testing.assert_allclose(out["x"], plain_sum(data, "x"), atol=3 * 2**-24)
+    for p in (A, B, C):
+        assert len(session_files(sites[p])) == 1
+        sites[p].close(sid)
+        assert session_files(sites[p]) == []
+        with pytest.raises(SecAggRefused, match="state is gone"):
+            sites[p].mask_next(sid, rounds[0][p], SPEC)
+
+
+def test_each_kept_round_has_fresh_masks_so_rounds_cannot_be_differenced(sites):
+    """The same data in rounds 1 and 2: if the masks repeated, the server's difference of one site's two
+    masked replies would be zero; and a round-2 reply minus the data must not equal round 1's mask."""
+    sid = "fresh"
+    data = data_for([A, B, C])
+    m1 = kept_round1(sites, sid, data)
+    y1 = aggregate(m1, [A, B, C])
+    for p in (A, B, C):
+        sites[p].unmask(sid, y1)
+    m2 = {p: sites[p].mask_next(sid, data[p], SPEC) for p in (A, B, C)}
+    for p in (A, B, C):
+        for k in ("n", "x", TAG_KEY):
+            assert not np.array_equal(m1[p][k], m2[p][k]), (p, k)
+    # round 1's sum is not accepted as round 2's (the MAC key is bound to the round)
+    for p in (A, B, C):
+        with pytest.raises(SecAggIntegrityError, match="does not verify"):
+            sites[p].unmask(sid, y1)
+
+
+def test_a_kept_round_is_masked_once_and_only_after_the_last_was_unmasked(sites):
+    sid = "order"
+    data = data_for([A, B, C])
+    masked = kept_round1(sites, sid, data)
+    with pytest.raises(SecAggRefused, match=r"phase 'masked', not 'ready'.*masking twice"):
+        sites[A].mask_next(sid, data[A], SPEC)  # before round 1 was unmasked: refused, and A's state is gone
+    assert session_files(sites[A]) == []
+    y = aggregate(masked, [A, B, C])
+    sites[B].unmask(sid, y)
+    sites[B].mask_next(sid, data[B], SPEC)
+    with pytest.raises(SecAggRefused, match="masking twice"):
+        sites[B].mask_next(sid, data[B], SPEC)
+    # a non-kept session has no next round
+    plain = to_masked(sites, "one-shot", data)
+    sites[C].unmask("one-shot", aggregate(plain, [A, B, C]))
+    with pytest.raises(SecAggRefused, match="state is gone"):
+        sites[C].mask_next("one-shot", data[C], SPEC)
+
+
+def test_a_kept_session_expires_from_its_last_round_and_an_altered_sum_ends_it(identities, tmp_path):
+    now = [1_000_000.0]
+    sites = make_sites(identities, tmp_path, [A, B, C], ttl_s=600, clock=lambda: now[0])
+    sid = "ttl"
+    data = data_for([A, B, C])
+    masked = kept_round1(sites, sid, data)
+    for _ in range(3):  # 3 x 400 s > the TTL since the advert, but each round is within 600 s of the last
+        now[0] += 400
+        y = aggregate(masked, [A, B, C])
+        for p in (A, B, C):
+            sites[p].unmask(sid, y)
+        masked = {p: sites[p].mask_next(sid, data[p], SPEC) for p in (A, B, C)}
+    now[0] += 601
+    with pytest.raises(SecAggRefused, match=r"older than the TTL"):
+        sites[A].unmask(sid, aggregate(masked, [A, B, C]))
+    y = aggregate(masked, [A, B, C])
+    with pytest.raises(SecAggRefused, match=r"older than the TTL"):
+        sites[B].unmask(sid, y)
+    now[0] -= 601
+    with pytest.raises(SecAggIntegrityError):
+        sites[C].unmask(sid, _shift(y, "n", 0, 1))
+    assert all(session_files(sites[p]) == [] for p in (A, B, C))
+
+
+def test_kept_session_state_holds_pair_keys_not_the_ephemeral_secret_and_close_removes_them(sites):
+    sid = "keys"
+    data = data_for([A, B, C])
+    kept_round1(sites, sid, data)
+    st_a = json.loads(session_files(sites[A])[0].read_bytes())
+    assert not {"esk", "seed", "peers"} & set(st_a)
+    assert sorted(st_a["pair_keys"]) == [B, C] and st_a["round"] == 1
+    sites[A].close(sid)
+    assert session_files(sites[A]) == []
