@@ -9,6 +9,10 @@ Message types it answers (Flower Message API):
     one local update of every backbone from the global weights (one ArrayRecord, prefixed keys);
     replies with the new weights, ``num-examples`` = the site's true number of training patients,
     and mean training losses.
+``train.secagg``
+    with ``federation.secure_aggregation``: sets up the training stage's secure-aggregation session
+    (advertise, share); each ``train`` reply then carries the site's weighted update masked in it
+    (:mod:`client.secure_updates`), so the server reads only the sum over the sites.
 ``evaluate.signatures``
     with the final weights: computes every patient's signatures and keeps them on site
     (``<cache>/signatures.csv``); replies only with the number of patients.
@@ -197,19 +201,65 @@ def _describe(algo: Any, msg: Message, context: Context) -> RecordDict:
 
 
 def _train(algo: Any, msg: Message, context: Context | None = None) -> RecordDict:
+    from client.stats_service import PolicyRefusal
+
     conf = msg.content["config"]
-    states = unflatten_states(message_arrays(msg.content))
-    budget = None
-    if context is not None:  # the hospital's own epsilon budget: its policy, never the message
+    received = message_arrays(msg.content)
+    states = unflatten_states(received)
+    budget, rules = None, None
+    if context is not None:  # the hospital's own epsilon budget and update rule: its policy, never the message
         from client.site_policy import load_rules
 
-        budget = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg).policy.epsilon_budget
+        rules = load_rules(dict(context.node_config), algo.cache_dir, algo.cfg)
+        budget = rules.policy.epsilon_budget
+    session = str(conf["secagg-session"]) if "secagg-session" in conf else None
+    if session is None and rules is not None and rules.policy.secure_updates:
+        raise PolicyRefusal("secure_updates", "this site sends model updates only securely aggregated; set "
+                                              "federation.secure_aggregation: true in the run config")
     res = algo.fit(states, int(conf["server-round"]), proximal_mu=float(conf.get("proximal-mu", 0.0)),
                    run_id=str(conf["run-id"]) if "run-id" in conf else None, epsilon_budget=budget)
     metrics = MetricRecord({"num-examples": res.num_examples, **res.metrics})
     layout = conf.get(LAYOUT_KEY)  # weights packed by the server: reply in the same layout
     arrays = pack_arrays(flatten_states(res.states), str(layout))[0] if layout else states_to_record(res.states)
+    if session is not None:  # only the weighted sum over the sites can be read by the server
+        from client.secure_updates import mask_update
+        from shared.secure_updates import weights_digest
+        from shared.wire import unpack
+
+        envelopes = None
+        if "secagg" in conf:
+            extra = record_to_arrays(msg.content["secagg-arrays"]) if "secagg-arrays" in msg.content else {}
+            envelopes = unpack(str(conf["secagg"]), extra)["envelopes"]
+        masked = mask_update(_secagg(algo, context), algo.cache_dir, site=algo.site, session=session,
+                             envelopes=envelopes, arrays=record_to_arrays(arrays), n=res.num_examples,
+                             weights_digest=weights_digest(received))
+        arrays = arrays_to_record(masked)
     return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+def _secagg(algo: Any, context: Context | None) -> Any:
+    """This site's :class:`shared.secagg.SiteSecAgg` (its own key and roster), or a policy refusal without one."""
+    from client.site_policy import load_rules, secagg_factory
+    from client.stats_service import PolicyRefusal
+
+    if context is None:
+        raise PolicyRefusal("roster", "no node configuration: secure aggregation needs the site's key and roster")
+    make = secagg_factory(algo.site, load_rules(dict(context.node_config), algo.cache_dir, algo.cfg), algo.cache_dir)
+    if make is None:
+        raise PolicyRefusal("roster", f"site {algo.site} has no consortium roster and identity key (policy.roster, "
+                                      "policy.identity_key): it cannot take part in secure aggregation")
+    return make()
+
+
+def _secagg_setup(algo: Any, msg: Message, context: Context) -> RecordDict:
+    from client.secure_updates import setup
+    from shared.wire import pack, unpack
+
+    conf = msg.content["config"]
+    arrays = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    request = {**unpack(str(conf["request"]), arrays), "run": _run_id(msg) or ""}
+    text, out = pack(setup(_secagg(algo, context), request))
+    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)})
 
 
 def _run_id(msg: Message) -> str | None:
@@ -255,6 +305,12 @@ def train(msg: Message, context: Context) -> Message:
     and a reason naming the budget, the epsilon spent and what the round would cost.
     """
     return _reply(msg, context, lambda algo, m: _train(algo, m, context))
+
+
+@app.train("secagg")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """Secure aggregation of model updates: advertise / share the training stage's kept session."""
+    return _reply(msg, context, lambda algo, m: _secagg_setup(algo, m, context), light=True)
 
 
 @app.evaluate("signatures")

@@ -190,6 +190,26 @@ def load_strategy_state(strategy: FedAvg, arrays: dict[str, np.ndarray]) -> None
             setattr(strategy, attr, vals)
 
 
+class _SumReply:
+    """The revealed weighted mean of a secure round, as the one reply a Flower strategy aggregates.
+
+    Its weight ``num-examples`` is the total over the sites, so FedAvg / FedProx return the mean as
+    is and FedAdam steps from it, exactly as from the sites' own replies.
+    """
+
+    def __init__(self, arrays: ArrayRecord, n: int, like: Message) -> None:
+        from flwr.app import MetricRecord
+
+        self.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": int(n)})})
+        self.metadata = like.metadata
+
+    def has_error(self) -> bool:
+        return False
+
+    def has_content(self) -> bool:
+        return True
+
+
 class Orchestrator:
     """Runs the stages of one run on a Grid.
 
@@ -380,23 +400,33 @@ class Orchestrator:
         view = _SubsetGrid(self.grid, train_ids)
         arrays = initial
         min_sites = min(self.cfg.federation.min_sites, len(train_ids))
+        secure = self.cfg.federation.secure_aggregation
+        session: dict[str, Any] | None = None
         with self.store.stage(self.run_id, "train"):
             for rnd in range(start_round + 1, self.cfg.federation.rounds + 1):
                 t0 = time.perf_counter()
                 if self.refresh_nodes(rnd):
                     view = _SubsetGrid(self.grid, [n.node_id for n in self.train_nodes])
+                    session = None  # a node changed: a new secure-aggregation session with the current ones
                 self.poll_liveness()
+                if secure and session is None:
+                    session = self.secure_session(rnd)
                 # weights travel packed (one array per dtype): Flower moves each Array as its own request
                 packed, layout = pack_arrays(record_to_arrays(arrays))
                 conf = self._config(**{LAYOUT_KEY: layout}, **({"proximal-mu": self.cfg.federation.proximal_mu}
                                                                if self.cfg.federation.strategy == "fedprox" else {}))
                 messages = list(strategy.configure_train(rnd, packed, conf, view))  # type: ignore[arg-type]
+                if session is not None:
+                    messages = self._secure_messages(messages, session)
                 sent = [m.metadata.dst_node_id for m in messages]
                 self.store.start_round(self.run_id, "train", rnd, n_sent=len(sent))
                 bytes_down = sum(m.content["arrays"].count_bytes() for m in messages)
                 replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
                 ok = self._record_failures("train", rnd, sent, replies)
-                ok = self.screen_updates(rnd, ok, arrays, layout=layout)
+                if session is not None:
+                    ok = self._secure_sum(rnd, ok, session, packed, t0)
+                else:
+                    ok = self.screen_updates(rnd, ok, arrays, layout=layout)
                 if len(ok) < min_sites:
                     self.store.finish_round(self.run_id, "train", rnd, n_replied=len(ok),
                                             n_failed=len(sent) - len(ok), status="failed",
@@ -406,7 +436,7 @@ class Orchestrator:
                         f"federation.min_sites is {min_sites}; see the events in the run record")
                 # A fixed reply order makes the floating-point sums, hence a resumed run, reproducible.
                 ok.sort(key=lambda m: str(m.content["site"]["name"]))
-                new_arrays, _ = strategy.aggregate_train(rnd, ok)
+                new_arrays, _ = strategy.aggregate_train(rnd, [session["sum"]] if session is not None else ok)
                 if new_arrays is None:
                     raise FederationError(f"round {rnd}: the strategy produced no model")
                 arrays = cast_like(arrays_to_record(unpack_arrays(new_arrays, layout)), initial)
@@ -426,6 +456,93 @@ class Orchestrator:
                 logger.info("round %d/%d: %d site(s), mean train loss %.4f, %.1f s", rnd, self.cfg.federation.rounds,
                             len(ok), float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
         return arrays
+
+    # ------------------------------------------------------------------ secure aggregation of updates
+    def secure_session(self, rnd: int) -> dict[str, Any]:
+        """Set up the training sites' kept secure-aggregation session (two messages: advertise, share)."""
+        import uuid
+
+        from shared.secagg import SecAggDropout, route_envelopes
+        from shared.wire import pack, unpack
+
+        nodes = {n.site: n.node_id for n in self.train_nodes}
+        parts = sorted(nodes)
+        if len(parts) < 3:
+            raise FederationError(f"federation.secure_aggregation needs at least 3 training sites ({len(parts)} here: "
+                                  f"{', '.join(parts)}); with 2, each learns the other's update from the mean")
+        sid = f"{self.run_id}.train.{uuid.uuid4().hex[:12]}"
+
+        def call(request: dict[str, Any], per_site: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+            msgs = []
+            for site, nid in nodes.items():
+                text, arrays = pack({**request, **(per_site or {}).get(site, {})})
+                msgs.append(Message(content=RecordDict({"config": self._config(request=text),
+                                                        "arrays": arrays_to_record(arrays)}),
+                                    message_type="train.secagg", dst_node_id=nid))
+            replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+            ok = self._record_failures("train", rnd, list(nodes.values()), replies)
+            got = {str(m.content["site"]["name"]): unpack(str(m.content["reply"]["json"]),
+                                                          record_to_arrays(m.content["arrays"])) for m in ok}
+            missing = [s for s in parts if s not in got]
+            if missing:
+                raise FederationError(f"round {rnd}: secure aggregation could not be set up: no answer from "
+                                      f"{', '.join(missing)} (see the events); every training site must take part")
+            return got
+
+        adverts = {s: r["advert"] for s, r in call({"op": "advertise", "session": sid, "participants": parts}).items()}
+        shares = {s: r["envelopes"] for s, r in call({"op": "share", "session": sid, "adverts": adverts}).items()}
+        try:
+            inbox = route_envelopes(shares, parts, session_id=sid)
+        except (SecAggDropout, ValueError) as exc:
+            raise FederationError(f"round {rnd}: secure aggregation could not be set up: {exc}") from None
+        self.store.event(self.run_id, "secure_aggregation", f"model updates securely aggregated among "
+                         f"{', '.join(parts)} (session {sid}); the server sees only their weighted sum, so per-site "
+                         "update screening is off", round=rnd)
+        return {"id": sid, "participants": parts, "inbox": inbox, "first": True}
+
+    def _secure_messages(self, messages: list[Message], session: dict[str, Any]) -> list[Message]:
+        """Each training message gets the session id and, in the session's first round, its envelopes."""
+        from flwr.app import ConfigRecord as CR
+
+        from shared.wire import pack
+
+        out = []
+        for m in messages:
+            site = self._site_of(m.metadata.dst_node_id)
+            conf = dict(m.content["config"].items())
+            conf["secagg-session"] = session["id"]
+            content = {"arrays": m.content["arrays"]}
+            if session["first"]:
+                text, env = pack({"envelopes": session["inbox"].get(site, {})})
+                conf["secagg"] = text
+                content["secagg-arrays"] = arrays_to_record(env)
+            content["config"] = CR(conf)
+            out.append(Message(content=RecordDict(content), message_type=m.metadata.message_type,
+                               dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id))
+        session["first"] = False
+        return out
+
+    def _secure_sum(self, rnd: int, ok: list[Message], session: dict[str, Any], packed: ArrayRecord,
+                    t0: float) -> list[Message]:
+        """Sum the masked updates; the revealed weighted mean becomes ``session["sum"]``. No dropout recovery."""
+        from shared.secagg import SecAggDropout, aggregate
+        from shared.secure_updates import mean_from_sum
+
+        masked = {str(m.content["site"]["name"]): record_to_arrays(m.content["arrays"]) for m in ok}
+        try:
+            total = aggregate(masked, session["participants"], session_id=session["id"])
+            mean, n = mean_from_sum(total, {k: v.shape for k, v in record_to_arrays(packed).items()})
+        except (SecAggDropout, ValueError, KeyError) as exc:
+            missing = list(getattr(exc, "missing", []))
+            self.store.finish_round(self.run_id, "train", rnd, n_replied=len(ok), n_failed=len(missing),
+                                    status="failed", seconds=time.perf_counter() - t0)
+            why = (f"no masked update from {', '.join(missing)}" if missing else f"the masked updates do not add up ({exc})")
+            raise FederationError(
+                f"round {rnd}: {why}. Securely aggregated updates have no dropout recovery: nothing of this round "
+                "can be read without every participant. Resume the run when the site(s) are back (the sites "
+                "refuse to send an update of the same weights to fewer sites)") from None
+        session["sum"] = _SumReply(arrays_to_record(mean), n, ok[0])
+        return ok
 
     def screen_updates(self, rnd: int, replies: list[Message], current: ArrayRecord, *,
                        layout: str | None = None) -> list[Message]:

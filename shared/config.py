@@ -236,6 +236,10 @@ class FederationConfig(_Section):
     """Deployment: how long the server waits for the expected sites to connect before starting with those present."""
     max_update_norm_ratio: float = Field(10.0, gt=1)
     """A training reply whose update norm exceeds this many times the median of the round's updates is rejected."""
+    secure_aggregation: bool = False
+    """Model updates securely aggregated: the server reads only the weighted sum of the training sites'
+    weights, never one site's (no per-site update screening, 2x upload, no dropout recovery; see
+    docs/secure_aggregation.md). Needs every training site's roster and key, and at least 3 training sites."""
 
 
 class PrivacyConfig(_Section):
@@ -351,6 +355,9 @@ class PolicyConfig(_Section):
     """Differential privacy: the most epsilon this site spends on one run (null = no DP budget set)."""
     allowed_apps: list[str] = Field(default_factory=list)
     """Hashes of the Flower app versions this hospital agreed to run (empty = the installed rectalfl only)."""
+    secure_updates: bool = False
+    """Send model updates only securely aggregated (refuse a training round of a run without
+    ``federation.secure_aggregation``)."""
 
 
 class FusionConfig(_Section):

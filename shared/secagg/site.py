@@ -149,7 +149,7 @@ class SiteSecAgg:
             self.store.delete(session_id)
             raise
 
-    def _load(self, session_id: str, phase: str, round_name: str) -> dict[str, Any]:
+    def _load(self, session_id: str, phase: str | tuple[str, ...], round_name: str) -> dict[str, Any]:
         session_id = _check_id(session_id, "session_id")
         state = self.store.load(session_id)
         if state is None:
@@ -160,11 +160,13 @@ class SiteSecAgg:
             if self.store.expired(state):
                 raise self._refused(session_id, f"{round_name} request for a session older than the "
                                                 f"TTL ({self.store.ttl_s:g} s); start a fresh session")
-            if state["phase"] != phase:
+            phases = (phase,) if isinstance(phase, str) else phase
+            if state["phase"] not in phases:
                 extra = (" (masking twice would let the server difference two vectors under the same masks)"
                          if round_name == "mask" else "")
+                want = " or ".join(repr(p) for p in phases)
                 raise self._refused(session_id, f"{round_name} request out of order: the session is in "
-                                                f"phase {state['phase']!r}, not {phase!r}{extra}")
+                                                f"phase {state['phase']!r}, not {want}{extra}")
         return state
 
     def _check_participants(self, session_id: str, participants: Sequence[str] | str) -> list[str]:
@@ -448,9 +450,11 @@ class SiteSecAgg:
                   reveal_total: bool = False) -> dict[str, np.ndarray]:
         """The next round of a kept session (``mask(..., keep=True)``): mask a new contribution.
 
-        Allowed only once the previous round's sum was unmasked here (phase ``ready``): the server can
-        never get two masked vectors of one round. Every round's masks, group mask and MAC key are
-        bound to the round number, so rounds cannot be differenced or mixed up.
+        Allowed only once the previous round's sum was unmasked here (phase ``ready``), or, when the
+        previous round was masked with ``reveal_total=True`` (a sum the server reads itself, e.g. a
+        model update), right after it: the server never gets two masked vectors of one round. Every
+        round's masks, group mask and MAC key are bound to the round number, so rounds cannot be
+        differenced or mixed up.
 
         Parameters and returns as :meth:`mask` (without ``envelopes``).
 
@@ -461,8 +465,13 @@ class SiteSecAgg:
         SecAggRefused
             Not a kept session, out of order (previous round not unmasked, or masked twice), expired.
         """
-        st = self._load(session_id, "ready", "mask")
+        st = self._load(session_id, ("ready", "masked"), "mask")
         parts = st["participants"]
+        with self._fail_closed(session_id):
+            if st["phase"] == "masked" and not st.get("reveal"):
+                raise self._refused(session_id, "mask request out of order: the previous round's hidden total "
+                                                "was not unmasked here yet (masking twice would let the server "
+                                                "difference two vectors under the same masks)")
         layout, enc = self._layout(contribution, as_specs(spec), len(parts))
         with self._fail_closed(session_id):
             pair_keys = {p: _unb64(k) for p, k in st["pair_keys"].items()}

@@ -636,7 +636,7 @@ def test_a_kept_round_is_masked_once_and_only_after_the_last_was_unmasked(sites)
     sid = "order"
     data = data_for([A, B, C])
     masked = kept_round1(sites, sid, data)
-    with pytest.raises(SecAggRefused, match=r"phase 'masked', not 'ready'.*masking twice"):
+    with pytest.raises(SecAggRefused, match=r"hidden total was not unmasked.*masking twice"):
         sites[A].mask_next(sid, data[A], SPEC)  # before round 1 was unmasked: refused, and A's state is gone
     assert session_files(sites[A]) == []
     y = aggregate(masked, [A, B, C])
@@ -684,3 +684,26 @@ def test_kept_session_state_holds_pair_keys_not_the_ephemeral_secret_and_close_r
     assert sorted(st_a["pair_keys"]) == [B, C] and st_a["round"] == 1
     sites[A].close(sid)
     assert session_files(sites[A]) == []
+
+
+def test_revealed_kept_rounds_follow_each_other_without_unmask_and_sum_exactly(sites):
+    """Model updates: the server reads each round's sum itself (reveal_total); the sites mask round after
+    round without an unmask, each round under fresh masks, and one site's reply stays hidden."""
+    from shared.secagg import decode_sum
+
+    sid = "updates"
+    spec = {"n": ArraySpec(bound=1000)}
+    rounds = [{p: {"n": np.random.default_rng(10 * r + i).integers(-1000, 1001, 5)} for i, p in enumerate((A, B, C))}
+              for r in range(3)]
+    inbox = share(sites, sid, advertise(sites, sid, [A, B, C]))
+    masked = {p: sites[p].mask(sid, inbox[p], rounds[0][p], spec, reveal_total=True, keep=True) for p in (A, B, C)}
+    for r, data in enumerate(rounds):
+        if r:
+            masked = {p: sites[p].mask_next(sid, data[p], spec, reveal_total=True) for p in (A, B, C)}
+        y = aggregate(masked, [A, B, C])
+        assert np.array_equal(decode_sum(y, spec)["n"], plain_sum(data, "n"))
+        for p in (A, B, C):  # no reply is its data in the clear
+            assert not np.array_equal(masked[p]["n"].view(np.int64), np.asarray(data[p]["n"]))
+    sites[A].close(sid)
+    with pytest.raises(SecAggRefused, match="state is gone"):
+        sites[A].mask_next(sid, rounds[0][A], spec, reveal_total=True)

@@ -161,3 +161,40 @@ def test_fusion_analysis_runs_over_flower(fed_run) -> None:
         assert scores["fusion_FDL"].between(0, 1).all()
     audit = [json.loads(x) for x in (Path(cfg.cache_root) / "ext" / "audit.jsonl").read_text().splitlines()]
     assert any(e["message_type"] == "evaluate.fusion" for e in audit)
+
+
+def test_securely_aggregated_updates_give_the_fedavg_model(fed_run, tmp_path) -> None:
+    """federation.secure_aggregation: the server reads only the weighted sum of the sites' masked updates;
+    the final model equals the plain run's (to the 2**-24 fixed point), and the sites' replies were masked."""
+    cfg, run_a = fed_run
+    sec = _copy_consortium(cfg, tmp_path, **{"fusion.enabled": False, "federation.secure_aggregation": True})
+    run_s = run_simulation(sec, run_dir=tmp_path / "runs" / "S", prepare=False)
+    like = initial_states(cfg)
+    a, s = _final_states(run_a, like), _final_states(run_s, like)
+    worst = max(float(np.max(np.abs(a[k][n].double().numpy() - s[k][n].double().numpy()))) for k in a for n in a[k])
+    print(f"secure vs plain final weights: max |difference| {worst:.2e}")
+    assert worst < 1e-4, worst
+    with RunStore.open_run_dir(run_s, readonly=True) as store:
+        rid = store.runs()["run_id"].iloc[0]
+        assert store.runs()["status"].iloc[0] == "completed"
+        events = store.events(rid)
+        assert "secure_aggregation" in set(events["kind"]) and "update_rejected" not in set(events["kind"])
+        assert (store.rounds(rid)["n_replied"] == 3).all()
+    audit = [json.loads(x) for x in (Path(sec.cache_root) / "site_a" / "audit.jsonl").read_text().splitlines()]
+    kinds = [a["message_type"] for a in audit if a.get("run_id") == rid]  # (the copied cache holds run A's too)
+    assert kinds.count("train.secagg") == 2 and kinds.count("train") == 2
+    assert not (Path(sec.cache_root) / "ext" / "secagg" / "updates.json").exists()
+    assert (Path(sec.cache_root) / "site_a" / "secagg" / "updates.json").is_file()
+
+
+def test_a_site_requiring_secure_updates_refuses_a_plain_round(fed_run, tmp_path) -> None:
+    cfg, _ = fed_run
+    new = _copy_consortium(cfg, tmp_path, **{"fusion.enabled": False, "federation.rounds": 1,
+                                             "site_policies": {"site_c": {"secure_updates": True}}})
+    run_dir = run_simulation(new, run_dir=tmp_path / "runs" / "P", prepare=False)
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        rid = store.runs()["run_id"].iloc[0]
+        failed = store.events(rid).query("kind == 'site_failed'")
+        assert set(failed["site"]) == {"site_c"}
+        assert failed["message"].str.contains(r"secure_updates.*federation.secure_aggregation: true").all()
+        assert store.rounds(rid)["n_replied"].tolist() == [2]
