@@ -22,6 +22,7 @@ whatever happens. Slow (CI runs it); every wait has a hard bound.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -322,6 +323,32 @@ def test_dropout_then_superlink_restart_and_resume(consortium) -> None:
     # the pooled AUCs were computed by the sites over the Deployment Engine, securely aggregated
     pooled = table[table["site"] == "pooled (training sites)"]
     assert len(pooled) and pooled["auc"].between(0, 1).all(), table.to_string()
+
+
+def test_securely_aggregated_updates_on_the_deployment_engine(consortium) -> None:
+    """federation.secure_aggregation over real SuperNodes: the train.secagg key exchange, then a round whose
+    replies are masked; the server reads only the weighted sum (each site's audit shows what left)."""
+    c = consortium
+    run_dir = c.root / "runs" / "S"
+    path = server_config(c, 1)
+    data = yaml.safe_load(path.read_text())
+    data["federation"]["secure_aggregation"] = True
+    path.write_text(yaml.safe_dump(data))
+    wait_for(lambda: online(c) == len(SITES) + 1, 180, "5 SuperNodes online", every=3)
+    info = submit_run(path, c.home, run_dir=run_dir, expected_sites=5, timeout=900)
+    assert info["status"] == "finished:completed", f"{info}\n{c.tail('superlink')}"
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        rid = store.runs()["run_id"].iloc[0]
+        rounds = store.rounds(rid, "train")
+        assert rounds["status"].tolist() == ["completed"] and rounds["n_replied"].tolist() == [3]
+        ev = store.events(rid)
+        assert len(ev[ev["kind"] == "secure_aggregation"]) == 1
+    for site in ("site_a", "site_b", "site_c"):
+        lines = (Path(c.cfg.cache_root) / site / "audit.jsonl").read_text().splitlines()
+        mine = [e for e in map(json.loads, lines) if e.get("run_id") == rid]
+        assert [e["message_type"] for e in mine].count("train.secagg") == 2
+        assert (Path(c.cfg.cache_root) / site / "secagg" / "updates.json").is_file()
+    assert (run_dir / "models" / "final.npz").is_file()
 
 
 def rectalfl_cmd(c: Consortium, args: list[str], log: Path) -> subprocess.Popen:
