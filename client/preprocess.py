@@ -250,7 +250,8 @@ def preprocess_volume(record: VolumeRecord, cfg: RectalFLConfig, site_dir: Path,
                                              direction_tolerance=direction_tolerance)
     if pp.n4.enabled:
         image, _ = n4_correct(image, shrink_factor=pp.n4.shrink_factor, iterations=pp.n4.iterations,
-                              convergence_threshold=pp.n4.convergence_threshold)
+                              convergence_threshold=pp.n4.convergence_threshold,
+                              fit_spacing_mm=pp.n4.fit_spacing_mm)
     image = denoise(image, pp.denoise.method, iterations=pp.denoise.iterations, time_step=pp.denoise.time_step)
     if pp.spacing_mm is not None:
         image = resample_to_spacing(image, pp.spacing_mm)

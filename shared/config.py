@@ -100,6 +100,9 @@ class CheckConfig(_Section):
 class N4Config(_Section):
     enabled: bool = True
     shrink_factor: int = Field(4, ge=1, le=16, description="fit the bias field on an image shrunk by this factor")
+    fit_spacing_mm: float | None = Field(None, gt=0, le=50)
+    """Fit the bias field on a grid of about this spacing (mm) instead (e.g. 7: a 0.43 mm clinical T2W is
+    fitted on 32 x 32 in-plane, see docs/preprocessing or the README's bench_n4 row); null: ``shrink_factor``."""
     iterations: list[int] = Field(default_factory=lambda: [50, 40, 30], min_length=1)
     """Maximum iterations per fitting level (one entry per level)."""
     convergence_threshold: float = Field(1e-4, gt=0)

@@ -79,6 +79,27 @@ def test_shrink_factors_leave_the_thick_slice_axis_alone() -> None:
     assert n4_shrink_factors(tiny, 4) == [2, 4, 4]  # at least 4 voxels left along each axis
 
 
+def test_a_physical_fit_grid_shrinks_each_axis_to_about_that_spacing() -> None:
+    clinical = sitk.Image([512, 512, 30], sitk.sitkFloat32)
+    clinical.SetSpacing((0.43, 0.43, 4.0))
+    assert n4_shrink_factors(clinical, 4, fit_spacing_mm=7.0) == [16, 16, 2]  # a 32 x 32 x 15 fit grid
+    assert n4_shrink_factors(clinical, 4) == [4, 4, 1]  # the fixed factor: 128 x 128 x 30
+    demo = sitk.Image([96, 96, 12], sitk.sitkFloat32)
+    demo.SetSpacing((0.7, 0.7, 4.0))
+    assert n4_shrink_factors(demo, 4, fit_spacing_mm=7.0) == [10, 10, 2]  # the same ~7 mm grid, other scanner
+    assert n4_shrink_factors(demo, 4, fit_spacing_mm=50.0) == [24, 24, 3]  # never below 4 voxels per axis
+
+
+def test_the_physical_fit_grid_still_removes_the_bias(biased, corrected) -> None:
+    img, region, true_bias = biased
+    (corr, _), _ = corrected
+    coarse, bias = n4_correct(img, iterations=(30, 20), fit_spacing_mm=6.4)  # 8x in-plane here: 6 x 6 x 10
+    a, c = sitk.GetArrayFromImage(corr), sitk.GetArrayFromImage(coarse)
+    body = sitk.GetArrayFromImage(img) > 20
+    assert np.corrcoef(a[body], c[body])[0, 1] > 0.99
+    assert _cov(c, region) < _cov(sitk.GetArrayFromImage(img), region)
+
+
 def test_n4_on_an_empty_image_is_a_no_op() -> None:
     img = sitk.Image([8, 8, 4], sitk.sitkFloat32)
     corr, bias = n4_correct(img)
