@@ -19,6 +19,19 @@ def pooled(cons, sites, cohort_splits, col):
     return df
 
 
+def recording_transport(cons):
+    """An in-process transport that keeps every (requests, replies) pair the server exchanged."""
+    seen: list = []
+    inner = inprocess_transport(cons.services, RUN)
+
+    def spy(requests):
+        replies = inner(requests)
+        seen.append((requests, replies))
+        return replies
+
+    return spy, seen
+
+
 def test_federated_sums_equal_pooled(consortium) -> None:
     # Prepare
     q = SiteQuery("sums", ColumnSumsProtocol(n_columns=2), "training", ["pre_t2w", "age"], ["a", "b", "c"])
@@ -37,13 +50,7 @@ def test_federated_sums_equal_pooled(consortium) -> None:
 
 def test_server_never_sees_a_site_number_nor_the_total(consortium) -> None:
     """Record every message: no request or reply holds a site's or the pooled sum in the clear."""
-    seen = []
-    inner = inprocess_transport(consortium.services, RUN)
-
-    def spy(requests):
-        replies = inner(requests)
-        seen.append((requests, replies))
-        return replies
+    spy, seen = recording_transport(consortium)
 
     q = SiteQuery("sums", ColumnSumsProtocol(n_columns=1), "training", ["age"], ["a", "b", "c"])
     run_site_queries([q], spy, run=RUN, k=5)
@@ -152,13 +159,7 @@ def test_one_kept_session_per_participant_set_closed_when_done(consortium) -> No
     round's masked reply differs, and every site destroys the session's keys when it is done."""
     from shared.stats.sc_logistic import LogisticSite
 
-    seen = []
-    inner = inprocess_transport(consortium.services, RUN)
-
-    def spy(requests):
-        replies = inner(requests)
-        seen.append((requests, replies))
-        return replies
+    spy, seen = recording_transport(consortium)
 
     q = SiteQuery("logit", LogisticSite(["pre_t2w", "age"]), "training", ["pre_t2w", "age"], ["a", "b", "c"])
     s = SiteQuery("sums", ColumnSumsProtocol(n_columns=1), "training", ["age"], ["a", "b", "c"])
