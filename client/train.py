@@ -62,6 +62,38 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What mixed precision a training loop uses on its device (see :func:`resolve_precision`)."""
+
+    dtype: torch.dtype | None  # autocast dtype; None = fp32, no autocast
+    scaler: bool  # a GradScaler (fp16 only)
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def resolve_precision(precision: str, channels_last: bool, device: torch.device,
+                      bf16_supported: bool | None = None) -> Precision:
+    """``train.precision`` / ``train.channels_last`` on ``device``: every switch is off except on CUDA.
+
+    ``auto`` is bf16 where the GPU supports it (``torch.cuda.is_bf16_supported``), else fp16.
+    """
+    if device.type != "cuda":
+        if precision not in ("fp32", "auto") or channels_last:
+            logger.info("train.precision=%s / channels_last=%s apply on CUDA only; training in fp32 on %s",
+                        precision, channels_last, device)
+        return Precision(None, False, False)
+    if precision == "auto":
+        if bf16_supported is None:
+            bf16_supported = bool(torch.cuda.is_bf16_supported())
+        precision = "bf16" if bf16_supported else "fp16"
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return Precision(dtype, dtype is torch.float16, bool(channels_last))
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -250,12 +282,17 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
         return train_backbone_dp(model, data, cfg, epochs=epochs, seed=seed, dp=dp, device=device,
                                  global_state=global_state, proximal_mu=proximal_mu)
     device = device or torch.device("cpu")
+    prec = resolve_precision(cfg.precision, cfg.channels_last, device)
     t0 = time.perf_counter()
     n = len(data)
     if n == 0:
         return TrainStats(0, 0, float("nan"), float("nan"), 0.0)
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
+    fmt = torch.channels_last if prec.channels_last and data.x.ndim == 4 else None
+    if fmt is not None:
+        model.to(memory_format=fmt)
+    scaler = torch.amp.GradScaler("cuda") if prec.scaler else None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     pos = float(data.y.sum())
     neg = n - pos
@@ -266,6 +303,9 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
         anchors = {k: v.detach().to(device) for k, v in global_state.items()}
     x_all = torch.from_numpy(data.x)
     y_all = torch.from_numpy(data.y)
+    cuda = device.type == "cuda"
+    if cuda:  # page-locked host memory: asynchronous copies to the GPU
+        x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
     losses: list[float] = []
     steps = 0
     bs = cfg.batch_size
@@ -276,21 +316,31 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
             idx = perm[start: start + bs]
             if len(idx) < 2 and n >= 2:  # BatchNorm needs 2 samples; fold a lone sample into the epoch end
                 continue
-            xb = augment(x_all[idx], cfg, gen).to(device)
-            yb = y_all[idx].to(device)
-            logits = model(xb).reshape(-1)
-            loss = loss_fn(logits, yb)
+            xb = augment(x_all[idx], cfg, gen).to(device, non_blocking=cuda)
+            if fmt is not None:
+                xb = xb.contiguous(memory_format=fmt)
+            yb = y_all[idx].to(device, non_blocking=cuda)
+            with torch.autocast(device.type, dtype=prec.dtype, enabled=prec.dtype is not None):
+                logits = model(xb).reshape(-1)
+            loss = loss_fn(logits.float(), yb)
             if anchors is not None:
                 prox = sum(((p - anchors[name]) ** 2).sum() for name, p in model.named_parameters())
                 loss = loss + 0.5 * proximal_mu * prox
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             steps += 1
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(count, 1))
     model.to("cpu")
+    if fmt is not None:
+        model.to(memory_format=torch.contiguous_format)
     return TrainStats(n, steps, losses[0], losses[-1], time.perf_counter() - t0, losses)
 
 

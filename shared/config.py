@@ -199,6 +199,11 @@ class TrainConfig(_Section):
     hflip: bool = True
     device: str = "auto"
     """``auto`` picks CUDA when available, else CPU; or ``cpu``, ``cuda``, ``cuda:1``..."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Mixed precision on CUDA (``torch.autocast``): ``bf16``, ``fp16`` (with a gradient scaler), ``auto``
+    (bf16 where the GPU supports it, else fp16) or ``fp32``. Off on CPU (always fp32 there); not with DP."""
+    channels_last: bool = False
+    """CUDA only: 2-D networks and their batches in channels-last memory format (faster convolutions)."""
     seed: int | None = Field(None, ge=0)
     """Seed of weight initialisation and local updates; null uses the run's ``seed`` (which also fixes
     the synthetic cohort and the splits), so repeated training on the same data is one key away."""
@@ -470,6 +475,13 @@ class RectalFLConfig(_Section):
     """Site configs: this hospital's own disclosure policy (see :class:`PolicyConfig`)."""
     site_policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     """Simulation only: each simulated site's own policy, by site name (default: ``policy``)."""
+
+    @model_validator(mode="after")
+    def _precision_without_dp(self) -> RectalFLConfig:
+        if self.privacy.dp and self.train.precision not in ("fp32", "auto"):
+            raise ValueError(f"train.precision {self.train.precision!r} with privacy.dp: DP-SGD trains in fp32 (its "
+                             "per-sample gradients and noise are calibrated in fp32); set train.precision: fp32")
+        return self
 
     @model_validator(mode="after")
     def _backbone_fits_slices(self) -> RectalFLConfig:
