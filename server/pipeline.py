@@ -182,10 +182,34 @@ def mark_interrupted(store: Any, run_id: str, run_dir: Path, exc: BaseException)
     announce(f"run interrupted by {name}; the run record keeps what finished; run directory: {run_dir}")
 
 
+def two_site_notice(orch: Any, queries: list, told: set[tuple[str, ...]]) -> None:
+    """Say so (once per pair of sites per run) when a released quantity was summed over only 2 sites.
+
+    Secure aggregation still hides both sites' numbers from the server, but each of the two can
+    subtract its own contribution from the total and learn the other's; what protects a site's
+    patients then is the per-site floor (a site with 0 < n < k patients of a class contributes nothing).
+    """
+    for q in queries:
+        if not q.ok:
+            continue
+        parts = tuple(sorted((q.released or {}).get("participants") or q.participants))
+        if len(parts) != 2 or parts in told:
+            continue
+        told.add(parts)
+        orch.store.event(orch.run_id, "two_site_aggregate",
+                         f"{q.qid} and any other quantity over only {parts[0]} and {parts[1]}: secure aggregation "
+                         "hides their numbers from the server, but each of the two learns the other's from the total; "
+                         "each site's own floor k applies (a site with fewer than k patients of a class contributes "
+                         "nothing). At least 3 sites give each site's numbers cover",
+                         level="warning", detail={"sites": list(parts), "query": q.qid})
+
+
 def stats_runner(orch: Any) -> Any:
     """Site-computed queries over the orchestrator's nodes (``evaluate.stats`` messages), at the
     strictest floor of the run and its sites; every policy refusal is recorded as an event."""
     from shared.stats_driver import run_site_queries
+
+    pairs_told: set[tuple[str, ...]] = set()
 
     def run(queries: list) -> list:
         run_site_queries(queries, orch.site_stats_transport, run=orch.run_id, k=orch.min_count(), roles=orch.roles())
@@ -193,6 +217,7 @@ def stats_runner(orch: Any) -> Any:
             for site, why in q.refused.items():
                 orch.store.event(orch.run_id, "policy_refused", f"{q.qid}: {why.get('reason', '')}", level="warning",
                                  site=site, detail={"query": q.qid, "rule": why.get("rule")})
+        two_site_notice(orch, queries, pairs_told)
         return queries
 
     run.min_count = orch.min_count  # type: ignore[attr-defined]  # the run's k, for protocols built with it

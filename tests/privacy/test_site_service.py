@@ -190,3 +190,29 @@ def test_a_next_round_before_the_first_is_refused(consortium) -> None:
     assert rep["accepted"] == ["q1"] and "sx" in rep["adverts"]
     with pytest.raises(SecAggRefused, match=r"phase 'advertised', not 'ready'"):
         svc.handle(RUN, {"op": "step", "plan": {"sx": ["q1"]}})
+
+
+def test_a_two_site_sum_is_announced_once_per_pair(consortium) -> None:
+    """Fewer than 3 sites: the server says so in the run record (the per-site floor protects each site)."""
+    from server.pipeline import two_site_notice
+
+    events = []
+
+    class Store:
+        def event(self, run_id, kind, message, **kw):
+            events.append((kind, message, kw))
+
+    class Orch:
+        run_id, store = RUN, Store()
+
+    tr = inprocess_transport(consortium.services, RUN)
+    two = [SiteQuery(f"q{i}", ColumnSumsProtocol(n_columns=1), "training", [c], ["a", "b"])
+           for i, c in enumerate(["age", "cea"])]
+    three = SiteQuery("q3", ColumnSumsProtocol(n_columns=1), "training", ["pre_t2w"], ["a", "b", "c"])
+    run_site_queries([*two, three], tr, run=RUN, k=5)
+    assert all(q.ok for q in [*two, three])
+    told: set = set()
+    two_site_notice(Orch(), [*two, three], told)
+    two_site_notice(Orch(), two, told)
+    assert [(k, kw["detail"]["sites"]) for k, _, kw in events] == [("two_site_aggregate", ["a", "b"])]
+    assert "learns the other's" in events[0][1] and events[0][2]["level"] == "warning"
