@@ -50,11 +50,12 @@ def test_cpu_training_is_identical_whatever_the_gpu_switches(slice_set) -> None:
         assert torch.equal(out[0][k], out[1][k]), k
 
 
-def test_mixed_precision_with_dp_is_a_config_error(tmp_path) -> None:
+@pytest.mark.parametrize(("text", "match"), [
+    ("privacy: {dp: true, noise_multiplier: 1.0}\ntrain: {precision: bf16}\n", "train.precision 'bf16' with privacy.dp"),
+    ("train: {precision: fp17}\n", "train.precision"),
+])
+def test_bad_precision_settings_are_config_errors(tmp_path, text, match) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("privacy: {dp: true, noise_multiplier: 1.0}\ntrain: {precision: bf16}\n")
-    with pytest.raises(ConfigError, match="train.precision 'bf16' with privacy.dp"):
-        load_config(path)
-    path.write_text("train: {precision: fp17}\n")
-    with pytest.raises(ConfigError, match="train.precision"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
         load_config(path)
