@@ -230,21 +230,25 @@ def _train(algo: Any, msg: Message, context: Context | None = None) -> RecordDic
         if "secagg" in conf:
             extra = record_to_arrays(msg.content["secagg-arrays"]) if "secagg-arrays" in msg.content else {}
             envelopes = unpack(str(conf["secagg"]), extra)["envelopes"]
-        masked = mask_update(_secagg(algo, context), algo.cache_dir, site=algo.site, session=session,
+        masked = mask_update(_secagg(algo, context, rules), algo.cache_dir, site=algo.site, session=session,
                              envelopes=envelopes, arrays=record_to_arrays(arrays), n=res.num_examples,
                              weights_digest=weights_digest(received))
         arrays = arrays_to_record(masked)
     return RecordDict({"arrays": arrays, "metrics": metrics})
 
 
-def _secagg(algo: Any, context: Context | None) -> Any:
-    """This site's :class:`shared.secagg.SiteSecAgg` (its own key and roster), or a policy refusal without one."""
+def _secagg(algo: Any, context: Context | None, rules: Any = None) -> Any:
+    """This site's :class:`shared.secagg.SiteSecAgg` (its own key and roster), or a policy refusal without one.
+
+    ``rules``: the site's rules when the caller has loaded them already (else read from node config).
+    """
     from client.site_policy import load_rules, secagg_factory
     from client.stats_service import PolicyRefusal
 
     if context is None:
         raise PolicyRefusal("roster", "no node configuration: secure aggregation needs the site's key and roster")
-    make = secagg_factory(algo.site, load_rules(dict(context.node_config), algo.cache_dir, algo.cfg), algo.cache_dir)
+    rules = rules or load_rules(dict(context.node_config), algo.cache_dir, algo.cfg)
+    make = secagg_factory(algo.site, rules, algo.cache_dir)
     if make is None:
         raise PolicyRefusal("roster", f"site {algo.site} has no consortium roster and identity key (policy.roster, "
                                       "policy.identity_key): it cannot take part in secure aggregation")

@@ -102,7 +102,7 @@ class N4Config(_Section):
     shrink_factor: int = Field(4, ge=1, le=16, description="fit the bias field on an image shrunk by this factor")
     fit_spacing_mm: float | None = Field(None, gt=0, le=50)
     """Fit the bias field on a grid of about this spacing (mm) instead (e.g. 7: a 0.43 mm clinical T2W is
-    fitted on 32 x 32 in-plane, see docs/preprocessing or the README's bench_n4 row); null: ``shrink_factor``."""
+    fitted on 32 x 32 in-plane, see the README's bench_n4 row); null: ``shrink_factor``."""
     iterations: list[int] = Field(default_factory=lambda: [50, 40, 30], min_length=1)
     """Maximum iterations per fitting level (one entry per level)."""
     convergence_threshold: float = Field(1e-4, gt=0)
@@ -201,7 +201,8 @@ class TrainConfig(_Section):
     """``auto`` picks CUDA when available, else CPU; or ``cpu``, ``cuda``, ``cuda:1``..."""
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     """Mixed precision on CUDA (``torch.autocast``): ``bf16``, ``fp16`` (with a gradient scaler), ``auto``
-    (bf16 where the GPU supports it, else fp16) or ``fp32``. Off on CPU (always fp32 there); not with DP."""
+    (bf16 where the GPU supports it, else fp16) or ``fp32``. Off on CPU (always fp32 there). DP-SGD always
+    trains in fp32: with ``privacy.dp`` a fixed ``bf16``/``fp16`` is a config error and ``auto`` means fp32."""
     channels_last: bool = False
     """CUDA only: 2-D networks and their batches in channels-last memory format (faster convolutions)."""
     seed: int | None = Field(None, ge=0)

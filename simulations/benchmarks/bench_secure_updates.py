@@ -67,8 +67,8 @@ def bench(network: str, slice_size: int, n_sites: int, rounds: int, root: Path) 
         for k in mean:
             want = sum(n[s] * ups[s][k].astype(np.float64) for s in names) / total_n
             err = max(err, float(np.max(np.abs(mean[k] - want))))
-    plain = sum(a.nbytes for a in packed_weights(network, slice_size, 0).values())
-    params = sum(a.size for a in packed_weights(network, slice_size, 0).values())
+    plain = sum(a.nbytes for a in ups[names[0]].values())
+    params = sum(a.size for a in ups[names[0]].values())
     return {"params": params, "mask_s": float(np.mean(t_mask)), "server_s": float(np.mean(t_server)),
             "up": up, "plain": plain, "err": err}
 
