@@ -238,14 +238,15 @@ def site_join(
     secret = home / "superexec.secret"
     cmd = supernode_command(superlink, Path(ca), Path(site_key), site=site, data_dir=site_dir, cache_dir=cache_dir,
                             secret_file=secret, device=None if cfg.train.device == "auto" else cfg.train.device,
-                            node_port=d.node_port, site_config=config if Path(config).is_file() else None)
+                            node_port=d.node_port, site_config=config if Path(config).is_file() else None,
+                            busy_poll_s=d.site_busy_poll_s)
     audit_log = cache_dir.resolve() / "audit.jsonl"
     out.print(f"joining {superlink} as {site} (data stays in {site_dir}; audit log {audit_log}). This site runs only "
               f"app bundle(s) {', '.join(h[:12] for h in allowed)} ({source}). Ctrl-C leaves the consortium.",
               highlight=False)
     run_supervised(cmd, Path(site_key), home=home, secret=secret, site=site,
                    gate=lambda pid: gate_command(d.node_port, secret, allowed, site=site, audit_log=audit_log,
-                                                 parent_pid=pid))
+                                                 parent_pid=pid, warm_start=d.site_warm_start))
 
 
 def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, site: str,

@@ -62,8 +62,14 @@ def check_tls(address: str, ca_file: Path, timeout: float = 5.0) -> None:
 
 def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: str, data_dir: Path, cache_dir: Path,
                       secret_file: Path, device: str | None = None, node_port: int = 9094,
-                      site_config: Path | None = None, max_retries: int | None = None) -> list[str]:
+                      site_config: Path | None = None, max_retries: int | None = None,
+                      busy_poll_s: float | None = 0.2) -> list[str]:
     """The flower-supernode command line.
+
+    With ``busy_poll_s`` (the default) Flower's SuperNode runs through :mod:`client.supernode_poll`:
+    the same entry point and arguments, but while a run is busy an empty pull is repeated after
+    ``busy_poll_s`` instead of Flower's fixed 3 s (back to 3 s when idle). ``None``: plain
+    ``flower-supernode``.
 
     ``--isolation process``: the SuperNode starts no app process itself; the site's app gate
     (:mod:`client.app_gate`, :func:`gate_command`) claims ClientApp tasks from its runtime API on
@@ -77,7 +83,9 @@ def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: st
         node_config += f" site-config='{Path(site_config).resolve()}'"
     if device:
         node_config += f" device='{device}'"
-    return [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(Path(ca_file).resolve()),
+    launcher = ([sys.executable, "-P", str(Path(__file__).with_name("supernode_poll.py").resolve()),
+                 "--busy-poll", str(busy_poll_s)] if busy_poll_s is not None else [tool("flower-supernode")])
+    return [*launcher, "--superlink", superlink, "--root-certificates", str(Path(ca_file).resolve()),
             "--auth-supernode-private-key", str(Path(key_file).resolve()), "--node-config", node_config,
             "--isolation", "process", "--superexec-auth-secret-file", str(Path(secret_file).resolve()),
             "--host", "127.0.0.1", "--port", str(node_port),
@@ -85,7 +93,7 @@ def supernode_command(superlink: str, ca_file: Path, key_file: Path, *, site: st
 
 
 def gate_command(node_port: int, secret_file: Path, allowed: list[str], *, site: str, audit_log: Path,
-                 parent_pid: int | None = None) -> list[str]:
+                 parent_pid: int | None = None, warm_start: bool = True) -> list[str]:
     """The site's app gate in SuperExec mode (see :mod:`client.app_gate`), run by path with ``python -P``
     so it imports nothing of the project (the app's code comes from the approved bundle only)."""
     cmd = [sys.executable, "-P", str(Path(__file__).with_name("app_gate.py").resolve()), "superexec",
@@ -95,6 +103,8 @@ def gate_command(node_port: int, secret_file: Path, allowed: list[str], *, site:
         cmd += ["--allowed", h]
     if parent_pid is not None:
         cmd += ["--parent-pid", str(parent_pid)]
+    if not warm_start:
+        cmd.append("--cold-start")
     return cmd
 
 

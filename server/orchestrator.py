@@ -79,7 +79,7 @@ TRANSIENT = ("database is locked", "500 Internal Server Error", "503 Service Una
 
 
 def exchange_riding_out_errors(grid: Any, msgs: list[Message], timeout: float | None, *, poll_s: float = 0.1,
-                               poll_max_s: float = 1.0, tries: int = 10, backoff_s: float = 2.0) -> list[Message]:
+                               poll_max_s: float = 0.5, tries: int = 10, backoff_s: float = 2.0) -> list[Message]:
     """Flower's ``send_and_receive`` (push once, pull until every reply or ``timeout``), with two changes.
 
     - Polls start short and back off: the first pull comes ``poll_s`` after the push, each wait is 1.5x

@@ -429,6 +429,17 @@ class DeployConfig(_Section):
     site_flwr_home: Path | None = None
     """Site: Flower's working folder for this SuperNode (installed apps, state, runtime secret);
     default <cache_root>/flower, so nothing lands in the service user's home."""
+    site_busy_poll_s: float | None = Field(0.2, ge=0.01, le=3.0)
+    """Site: while a run is busy, how soon the SuperNode asks the SuperLink again after finding no
+    message (Flower's own loop waits a fixed 3 s; back to 3 s after 2 idle minutes).
+    ``null``: Flower's plain ``flower-supernode``. See ``client/supernode_poll.py``."""
+    site_warm_start: bool = True
+    """Site: the app gate keeps one process with the third-party libraries (Flower, NumPy, pandas,
+    SciPy, PyTorch, MONAI) already imported and forks each message's ClientApp from it, instead of
+    starting a new Python that imports them again (seconds per message). Every message still runs in
+    its own new process, the app bundle is still checked before anything of it is imported, and no
+    project code or site data is ever loaded into the kept process. ``false``: a fresh Python per
+    message (Flower's own way). See ``client/app_gate.py``."""
 
     @field_validator("sites")
     @classmethod
