@@ -57,10 +57,12 @@ from shared.records import (
     message_arrays,
     pack_arrays,
     pack_json,
+    pack_record,
     record_to_arrays,
     states_to_record,
     unflatten_states,
     unpack_json,
+    unpack_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -228,7 +230,7 @@ def _train(algo: Any, msg: Message, context: Context | None = None) -> RecordDic
 
         envelopes = None
         if "secagg" in conf:
-            extra = record_to_arrays(msg.content["secagg-arrays"]) if "secagg-arrays" in msg.content else {}
+            extra = unpack_record(msg.content["secagg-arrays"]) if "secagg-arrays" in msg.content else {}
             envelopes = unpack(str(conf["secagg"]), extra)["envelopes"]
         masked = mask_update(_secagg(algo, context, rules), algo.cache_dir, site=algo.site, session=session,
                              envelopes=envelopes, arrays=record_to_arrays(arrays), n=res.num_examples,
@@ -260,10 +262,10 @@ def _secagg_setup(algo: Any, msg: Message, context: Context) -> RecordDict:
     from shared.wire import pack, unpack
 
     conf = msg.content["config"]
-    arrays = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    arrays = unpack_record(msg.content["arrays"]) if "arrays" in msg.content else {}
     request = {**unpack(str(conf["request"]), arrays), "run": _run_id(msg) or ""}
     text, out = pack(setup(_secagg(algo, context), request))
-    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)})
+    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": pack_record(out)})
 
 
 def _run_id(msg: Message) -> str | None:
@@ -284,7 +286,7 @@ def _fusion(algo: Any, msg: Message, context: Context) -> RecordDict:
     from shared.fusion import models_from_payload
 
     columns = unpack_json(str(msg.content["config"]["fusion-models"]))
-    models = models_from_payload(record_to_arrays(msg.content["arrays"]), columns)
+    models = models_from_payload(unpack_record(msg.content["arrays"]), columns)
     run = _run_id(msg)
     own = _site_service(algo, context).derived_models(run) if run else {}
     foreign = sorted(name for name, m in models.items() if m.digest() not in own)
@@ -348,12 +350,12 @@ def _stats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[
     run = _run_id(msg)
     if run is None:
         raise ValueError("statistics request without a run-id")
-    arrays = record_to_arrays(msg.content["arrays"]) if "arrays" in msg.content else {}
+    arrays = unpack_record(msg.content["arrays"]) if "arrays" in msg.content else {}
     request = unpack(str(conf["request"]), arrays)
     reply = _site_service(algo, context).handle(run, request)
     refused = {str(q): str(r.get("rule", "?")) for q, r in (reply.get("refused") or {}).items()}
     text, out = pack(reply)
-    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": arrays_to_record(out)}), refused
+    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": pack_record(out)}), refused
 
 
 @app.evaluate("stats")

@@ -28,10 +28,12 @@ from shared.records import (
     arrays_to_record,
     pack_arrays,
     pack_json,
+    pack_record,
     record_to_arrays,
     states_to_record,
     unpack_arrays,
     unpack_json,
+    unpack_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -477,12 +479,12 @@ class Orchestrator:
             for site, nid in nodes.items():
                 text, arrays = pack({**request, **(per_site or {}).get(site, {})})
                 msgs.append(Message(content=RecordDict({"config": self._config(request=text),
-                                                        "arrays": arrays_to_record(arrays)}),
+                                                        "arrays": pack_record(arrays)}),
                                     message_type="train.secagg", dst_node_id=nid))
             replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
             ok = self._record_failures("train", rnd, list(nodes.values()), replies)
             got = {str(m.content["site"]["name"]): unpack(str(m.content["reply"]["json"]),
-                                                          record_to_arrays(m.content["arrays"])) for m in ok}
+                                                          unpack_record(m.content["arrays"])) for m in ok}
             missing = [s for s in parts if s not in got]
             if missing:
                 raise FederationError(f"round {rnd}: secure aggregation could not be set up: no answer from "
@@ -515,7 +517,7 @@ class Orchestrator:
             if session["first"]:
                 text, env = pack({"envelopes": session["inbox"].get(site, {})})
                 conf["secagg"] = text
-                content["secagg-arrays"] = arrays_to_record(env)
+                content["secagg-arrays"] = pack_record(env)
             content["config"] = CR(conf)
             out.append(Message(content=RecordDict(content), message_type=m.metadata.message_type,
                                dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id))
@@ -634,7 +636,7 @@ class Orchestrator:
             if site not in by_site:
                 continue
             text, arrays = pack(req)
-            content = RecordDict({"config": self._config(request=text), "arrays": arrays_to_record(arrays)})
+            content = RecordDict({"config": self._config(request=text), "arrays": pack_record(arrays)})
             msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         refused = [m for m in replies if m.has_error() and m.error.code == POLICY_REFUSED_CODE]
@@ -647,7 +649,7 @@ class Orchestrator:
                                    [m for m in replies if m not in refused])
         out: dict[str, dict] = {}
         for m in ok:
-            arrays = record_to_arrays(m.content["arrays"]) if "arrays" in m.content else {}
+            arrays = unpack_record(m.content["arrays"]) if "arrays" in m.content else {}
             out[str(m.content["site"]["name"])] = unpack(str(m.content["reply"]["json"]), arrays)
         return out
 
@@ -657,7 +659,7 @@ class Orchestrator:
         ok = self._record_failures(stage, None, [m.metadata.dst_node_id for m in msgs], replies)
         out: dict[str, dict] = {}
         for m in ok:
-            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"])) if "arrays" in m.content else {}
+            vals: dict[str, Any] = dict(unpack_record(m.content["arrays"])) if "arrays" in m.content else {}
             if "metrics" in m.content:
                 vals.update(dict(m.content["metrics"].items()))
             out[str(m.content["site"]["name"])] = vals

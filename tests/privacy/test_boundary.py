@@ -22,7 +22,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from client import client_app
 from server.pipeline import simulation_sites
 from shared.models import initial_states, signature_keys
-from shared.records import arrays_to_record, is_local_only, pack_json, record_to_arrays, states_to_record
+from shared.records import (
+    arrays_to_record,
+    is_local_only,
+    pack_json,
+    pack_record,
+    states_to_record,
+    unpack_record,
+)
 
 from .node_context import node_context
 
@@ -138,13 +145,13 @@ def _flower_transport(cfg, sites, run: str, seen: list):
         for site, req in requests.items():
             text, arrays = pack(req)
             content = RecordDict({"config": _config(cfg, sites, **{"run-id": run, "request": text}),
-                                  "arrays": arrays_to_record(arrays)})
+                                  "arrays": pack_record(arrays)})
             client_app._CACHE.clear()
             reply = client_app.stats(Message(content, dst_node_id=100, message_type="evaluate.stats"),
                                      node_context(index[site], len(sites)))
             seen.append((site, reply))
             if not reply.has_error():
-                out[site] = unpack(str(reply.content["reply"]["json"]), record_to_arrays(reply.content["arrays"]))
+                out[site] = unpack(str(reply.content["reply"]["json"]), unpack_record(reply.content["arrays"]))
         return out
 
     return send
