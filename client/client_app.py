@@ -344,18 +344,21 @@ def _site_service(algo: Any, context: Context) -> Any:
 
 
 def _stats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[str, str]]:
-    from shared.wire import pack, unpack
+    from shared.wire import pack, pack_bytes, unpack, unpack_bytes
 
     conf = msg.content["config"]
     run = _run_id(msg)
     if run is None:
         raise ValueError("statistics request without a run-id")
-    arrays = unpack_record(msg.content["arrays"]) if "arrays" in msg.content else {}
+    if "request-arrays" in conf:
+        arrays = unpack_bytes(conf["request-arrays"])
+    else:
+        arrays = unpack_record(msg.content["arrays"]) if "arrays" in msg.content else {}
     request = unpack(str(conf["request"]), arrays)
     reply = _site_service(algo, context).handle(run, request)
     refused = {str(q): str(r.get("rule", "?")) for q, r in (reply.get("refused") or {}).items()}
-    text, out = pack(reply)
-    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": pack_record(out)}), refused
+    text, out = pack(reply)  # one record, the arrays inside as bytes (one object on the wire, not one per array)
+    return RecordDict({"reply": ConfigRecord({"json": text, "arrays": pack_bytes(out)})}), refused
 
 
 @app.evaluate("stats")

@@ -628,15 +628,15 @@ class Orchestrator:
         A site whose policy refuses the whole request answers with an error naming the rule; it is
         recorded as a ``policy_refused`` event and that site's queries end.
         """
-        from shared.wire import pack, unpack
+        from shared.wire import pack, pack_bytes, unpack, unpack_bytes
 
         by_site = {n.site: n.node_id for n in self.nodes}
         msgs = []
         for site, req in requests.items():
             if site not in by_site:
                 continue
-            text, arrays = pack(req)
-            content = RecordDict({"config": self._config(request=text), "arrays": pack_record(arrays)})
+            text, arrays = pack(req)  # one record: its arrays ride in it as bytes (one object, not one per array)
+            content = RecordDict({"config": self._config(request=text, **{"request-arrays": pack_bytes(arrays)})})
             msgs.append(Message(content=content, message_type="evaluate.stats", dst_node_id=by_site[site]))
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         refused = [m for m in replies if m.has_error() and m.error.code == POLICY_REFUSED_CODE]
@@ -649,8 +649,12 @@ class Orchestrator:
                                    [m for m in replies if m not in refused])
         out: dict[str, dict] = {}
         for m in ok:
-            arrays = unpack_record(m.content["arrays"]) if "arrays" in m.content else {}
-            out[str(m.content["site"]["name"])] = unpack(str(m.content["reply"]["json"]), arrays)
+            rep = m.content["reply"]
+            if "arrays" in rep:
+                arrays = unpack_bytes(rep["arrays"])
+            else:
+                arrays = unpack_record(m.content["arrays"]) if "arrays" in m.content else {}
+            out[str(m.content["site"]["name"])] = unpack(str(rep["json"]), arrays)
         return out
 
     def exchange(self, stage: str, msgs: list[Message]) -> dict[str, dict]:

@@ -90,6 +90,40 @@ def run_figures(run_dir: Path) -> dict[str, float]:
             "fusion_s": dur("analysis"), "run_s": (_ts(finished) or 0) - (_ts(created) or 0)}
 
 
+ROLES = (("flower-superlink", "SuperLink"), ("server.gateway", "Fleet gateway"), ("flwr-serverapp", "ServerApp"),
+         ("supernode_poll.py", "SuperNodes"), ("flower-supernode", "SuperNodes"), ("app_gate.py warm", "ClientApps (warm + forks)"),
+         ("app_gate.py clientapp", "ClientApps (warm + forks)"), ("app_gate.py superexec", "app gates"),
+         ("site join", "site join"), ("flower-superexec", "SuperExec (+ the ServerApp once ended)"), ("server start", "server start"))
+
+
+def cpu_by_role(roots: list[int]) -> dict[str, float]:
+    """CPU seconds (user + system, including reaped children) of every process below ``roots``, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu, cmd = {}, {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = stat.read_text().rsplit(")", 1)[1].split()
+            p = int(stat.parent.name)
+            parent[p] = int(f[1])
+            cpu[p] = sum(int(x) for x in f[11:15]) / tick  # utime stime cutime cstime
+            cmd[p] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    out: dict[str, float] = {}
+    todo, seen = list(roots), set()
+    while todo:
+        p = todo.pop()
+        if p in seen or p not in cpu:
+            continue
+        seen.add(p)
+        kids = [c for c, pp in parent.items() if pp == p]
+        todo += kids
+        role = next((r for key, r in ROLES if key in cmd[p]), "other")
+        # cutime/cstime: children a process reaped (the forked ClientApps, in their warm process)
+        out[role] = out.get(role, 0.0) + cpu[p]
+    return out
+
+
 def newest_run(runs_root: Path) -> Path:
     runs = sorted((p for p in runs_root.iterdir() if (p / "run.db").is_file()), key=lambda p: p.stat().st_mtime)
     if not runs:
@@ -159,8 +193,13 @@ def deployment_run(work: Path, cfg_path: Path, log_dir: Path) -> Path:
                 raise SystemExit("the four sites did not come online in 300 s; see " + str(log_dir))
             time.sleep(1)
         time.sleep(3)  # let the app gates' warm processes finish importing (as in a real consortium at rest)
+        before = cpu_by_role([p.pid for p in procs])
         t = rectalfl("run", "--config", str(cfg_path), cwd=work, log=log_dir / "run.log")
         print(f"deployment engine: `rectalfl run` to the summary {t:.0f} s", flush=True)
+        after = cpu_by_role([p.pid for p in procs])
+        print("CPU seconds during the run, by process (2 cores = 2 CPU seconds per second): " + ", ".join(
+            f"{role} {after[role] - before.get(role, 0.0):.0f}" for role in sorted(after, key=lambda r: -after[r])),
+            flush=True)
         return newest_run(Path(cfg["runs_root"]))
     finally:
         for p in reversed(procs):

@@ -18,8 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client import client_app
 from client.site_policy import SIGNATURES_STAMP, write_stamp
-from shared.records import pack_record, unpack_record
-from shared.wire import pack, unpack
+from shared.wire import pack, pack_bytes, unpack, unpack_bytes
 from simulations.sites import make_consortium_keys
 
 RUN = "run-attack"
@@ -85,8 +84,9 @@ class FlowerConsortium:
 
     def message(self, request: dict, *, run: str = RUN, cfg_yaml: str | None = None) -> Message:
         text, arrays = pack(request)
-        conf = ConfigRecord({"rectalfl-config": cfg_yaml or self.cfg_yaml, "run-id": run, "request": text})
-        return Message(RecordDict({"config": conf, "arrays": pack_record(arrays)}), dst_node_id=1,
+        conf = ConfigRecord({"rectalfl-config": cfg_yaml or self.cfg_yaml, "run-id": run, "request": text,
+                             "request-arrays": pack_bytes(arrays)})  # as the server sends it
+        return Message(RecordDict({"config": conf}), dst_node_id=1,
                        message_type="evaluate.stats")
 
     def call(self, site: str, request: dict, **kw: Any) -> tuple[dict | None, Message]:
@@ -95,7 +95,7 @@ class FlowerConsortium:
         reply = client_app.stats(self.message(request, **kw), self.context(site))
         out = None
         if not reply.has_error():
-            arrays = unpack_record(reply.content["arrays"])
+            arrays = unpack_bytes(reply.content["reply"]["arrays"])
             out = unpack(str(reply.content["reply"]["json"]), arrays)
         self.log.append((site, request, out, reply))
         return out, reply

@@ -26,9 +26,7 @@ from shared.records import (
     arrays_to_record,
     is_local_only,
     pack_json,
-    pack_record,
     states_to_record,
-    unpack_record,
 )
 
 from .node_context import node_context
@@ -49,9 +47,25 @@ def _all_text(reply: Message) -> str:
             parts.append(k)
             if isinstance(rec, ArrayRecord):
                 parts.append(np.array2string(v.numpy(), threshold=10**9))
+            elif isinstance(v, bytes):  # packed arrays inside a ConfigRecord: scan their values too
+                from shared.wire import unpack_bytes
+
+                parts += [f"{n}\n{np.array2string(a, threshold=10**9)}" for n, a in unpack_bytes(v).items()]
             else:
                 parts.append(str(v))
     return "\n".join(parts)
+
+
+def _reply_arrays(reply: Message):
+    """Every array a reply carries: in ArrayRecords, and packed as bytes inside ConfigRecords."""
+    from shared.wire import unpack_bytes
+
+    for name, rec in reply.content.items():
+        for k, v in rec.items():
+            if isinstance(rec, ArrayRecord):
+                yield f"{name}/{k}", v.numpy()
+            elif isinstance(v, bytes):
+                yield from ((f"{name}/{k}/{n}", a) for n, a in unpack_bytes(v).items())
 
 
 @pytest.fixture
@@ -136,7 +150,7 @@ def _signatures_everywhere(cfg, sites, run: str) -> None:
 
 
 def _flower_transport(cfg, sites, run: str, seen: list):
-    from shared.wire import pack, unpack
+    from shared.wire import pack, pack_bytes, unpack, unpack_bytes
 
     index = {s["name"]: i for i, s in enumerate(sites)}
 
@@ -144,14 +158,14 @@ def _flower_transport(cfg, sites, run: str, seen: list):
         out = {}
         for site, req in requests.items():
             text, arrays = pack(req)
-            content = RecordDict({"config": _config(cfg, sites, **{"run-id": run, "request": text}),
-                                  "arrays": pack_record(arrays)})
+            content = RecordDict({"config": _config(cfg, sites, **{"run-id": run, "request": text,
+                                                                   "request-arrays": pack_bytes(arrays)})})
             client_app._CACHE.clear()
             reply = client_app.stats(Message(content, dst_node_id=100, message_type="evaluate.stats"),
                                      node_context(index[site], len(sites)))
             seen.append((site, reply))
             if not reply.has_error():
-                out[site] = unpack(str(reply.content["reply"]["json"]), unpack_record(reply.content["arrays"]))
+                out[site] = unpack(str(reply.content["reply"]["json"]), unpack_bytes(reply.content["reply"]["arrays"]))
         return out
 
     return send
@@ -189,21 +203,21 @@ def test_statistics_release_only_aggregates_and_hide_every_site_number(consortiu
     pooled = pd.concat(tables.values())
     pooled_tr = pooled[pooled["split"].isin(["train", "val"])]
     assert qs[0].released["n_pos"] == int((pooled_tr["label"] == 1).sum())  # the release is the pooled cohort
+    checked = 0
     for site, reply in seen:
         assert not reply.has_error(), reply.error.reason
         text = _all_text(reply)
         assert not any(pid in text for pid in _patient_ids(cfg, site))
-        for rec in reply.content.values():
-            if not isinstance(rec, ArrayRecord):
-                continue
-            for key, arr in rec.items():
-                a = arr.numpy()
-                if a.dtype == np.uint64:  # masked vectors: no signature value, no own count in the clear
-                    as_int = a.view(np.int64)
-                    # uniform 64-bit values: a small count appears by chance with probability ~1e-14
-                    assert not np.isin(as_int, list(own_counts)).any(), (site, key)
-                else:
-                    assert not np.isin(np.round(a.astype(float), 6), np.round(values, 6)).any(), (site, key)
+        arrays = list(_reply_arrays(reply))
+        checked += sum(a.dtype == np.uint64 for _, a in arrays)
+        for key, a in arrays:
+            if a.dtype == np.uint64:  # masked vectors: no signature value, no own count in the clear
+                as_int = a.view(np.int64)
+                # uniform 64-bit values: a small count appears by chance with probability ~1e-14
+                assert not np.isin(as_int, list(own_counts)).any(), (site, key)
+            else:
+                assert not np.isin(np.round(a.astype(float), 6), np.round(values, 6)).any(), (site, key)
+    assert checked, "the statistics replies carry masked vectors: none was found to check"
     # every released count is 0 or >= k
     for q in qs:
         for key in ("n_pos", "n_neg"):

@@ -104,3 +104,41 @@ def test_unpack_record_refuses_a_malformed_layout(layout):
     record[WIRE_LAYOUT] = Array(np.frombuffer(layout, dtype=np.uint8).copy())
     with pytest.raises(ValueError, match="malformed packed arrays"):
         unpack_record(record)
+
+
+def test_pack_bytes_round_trips_numeric_arrays_exactly():
+    from shared.wire import pack_bytes, unpack_bytes
+
+    rng = np.random.default_rng(5)
+    arrays = {"masked": rng.integers(0, 2**63, size=1000, dtype=np.uint64), "f": rng.normal(size=(3, 4)),
+              "i32": np.arange(5, dtype=np.int32), "b": np.array([True, False]), "z": np.zeros((0, 2)),
+              "c": np.array([1 + 2j]), "s": np.array(3.5)}
+    back = unpack_bytes(pack_bytes(arrays))
+    assert list(back) == list(arrays)
+    for k, v in arrays.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        np.testing.assert_array_equal(back[k], v)
+    assert unpack_bytes(pack_bytes({})) == {}
+    with pytest.raises(TypeError, match="only numeric"):
+        pack_bytes({"o": np.array(["text"], dtype=object)})
+
+
+@pytest.mark.parametrize("mutate", ["truncate", "trailing", "header", "dtype", "shape", "length"])
+def test_unpack_bytes_refuses_malformed_buffers(mutate):
+    import json
+
+    from shared.wire import pack_bytes, unpack_bytes
+
+    blob = pack_bytes({"a": np.arange(4, dtype=np.float64)})
+    n = int.from_bytes(blob[:8], "little")
+    header, body = blob[8:8 + n], blob[8 + n:]
+
+    def build(h: bytes, b: bytes = body) -> bytes:
+        return len(h).to_bytes(8, "little") + h + b
+
+    bad = {"truncate": blob[:-3], "trailing": blob + b"x", "header": build(b"{not json"),
+           "dtype": build(json.dumps([["a", "|O", [4]]]).encode()),
+           "shape": build(json.dumps([["a", "<f8", [-4]]]).encode()),
+           "length": (10**9).to_bytes(8, "little") + header + body}[mutate]
+    with pytest.raises(ValueError, match="malformed packed arrays"):
+        unpack_bytes(bad)
