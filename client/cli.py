@@ -246,11 +246,22 @@ def site_join(
               highlight=False)
     run_supervised(cmd, Path(site_key), home=home, secret=secret, site=site,
                    gate=lambda pid: gate_command(d.node_port, secret, allowed, site=site, audit_log=audit_log,
-                                                 parent_pid=pid, warm_start=d.site_warm_start))
+                                                 parent_pid=pid, warm_start=d.site_warm_start),
+                   threads=d.site_threads)
+
+
+def thread_env(env: dict[str, str], threads: int | None) -> dict[str, str]:
+    """The app gate's environment (its ClientApps inherit it) with ``deploy.site_threads`` applied: the
+    OpenMP / BLAS thread counts PyTorch and NumPy read when they load. ``None``: unchanged."""
+    if threads is None:
+        return env
+    n = str(int(threads))
+    return {**env, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
 def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, site: str,
-                   gate: Callable[[int], list[str]], retry_s: float = 10.0, max_quick_failures: int = 5) -> None:
+                   gate: Callable[[int], list[str]], retry_s: float = 10.0, max_quick_failures: int = 5,
+                   threads: int | None = None) -> None:
     """Run flower-supernode and the app gate in the foreground and keep this site in the consortium.
 
     Flower's SuperNode stops when it loses its SuperLink (e.g. the server restarted); this restarts it
@@ -277,7 +288,7 @@ def run_supervised(cmd: list[str], site_key: Path, *, home: Path, secret: Path, 
         # own process groups: their helper processes (ClientApps) go with them
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, preexec_fn=die_with_parent())
-        gate_proc = subprocess.Popen(gate(proc.pid), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        gate_proc = subprocess.Popen(gate(proc.pid), env=thread_env(env, threads), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True, preexec_fn=die_with_parent())
 
         def pump(stream: Any, keep: bool, tail: list[str] = tail, state: dict = state) -> None:

@@ -433,6 +433,12 @@ class DeployConfig(_Section):
     """Site: while a run is busy, how soon the SuperNode asks the SuperLink again after finding no
     message (Flower's own loop waits a fixed 3 s; back to 3 s after 2 idle minutes).
     ``null``: Flower's plain ``flower-supernode``. See ``client/supernode_poll.py``."""
+    site_threads: int | None = Field(None, ge=1, le=1024)
+    """Site: CPU threads each ClientApp's PyTorch / NumPy may use (sets ``OMP_NUM_THREADS`` for the app
+    gate). Default: the libraries' own (every core), right for a machine that runs one site. Set it
+    when several sites share one machine (the local consortium): with 4 sites on 2 cores each
+    training process otherwise starts a thread per core and they spin against each other (measured:
+    a training round 25x slower)."""
     site_warm_start: bool = True
     """Site: the app gate keeps one process with the third-party libraries (Flower, NumPy, pandas,
     SciPy, PyTorch, MONAI) already imported and forks each message's ClientApp from it, instead of

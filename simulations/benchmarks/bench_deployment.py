@@ -161,9 +161,10 @@ def deployment_run(work: Path, cfg_path: Path, log_dir: Path) -> Path:
     from server.deploy import list_nodes
 
     cfg = yaml.safe_load(cfg_path.read_text())
-    rectalfl("certs", "init", "--dir", str(work / "certs"), cwd=work, log=log_dir / "certs.log")
-    for s in SITES:
-        rectalfl("certs", "add-site", s, "--dir", str(work / "certs"), cwd=work, log=log_dir / "certs.log")
+    if not (work / "certs" / "ca.crt").is_file():  # (kept from an earlier run in the same work folder)
+        rectalfl("certs", "init", "--dir", str(work / "certs"), cwd=work, log=log_dir / "certs.log")
+        for s in SITES:
+            rectalfl("certs", "add-site", s, "--dir", str(work / "certs"), cwd=work, log=log_dir / "certs.log")
     exe = str(Path(sys.executable).parent / "rectalfl")
     procs: list[subprocess.Popen] = []
 
@@ -221,7 +222,8 @@ def _nodes(list_nodes, control: str, ca: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=None, help="work folder (default: a new temporary one)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="work folder (default: a new temporary one); a cohort already made there is reused")
     p.add_argument("--patients", type=int, default=None, help="patients per site (default: the demo's sizes)")
     p.add_argument("--rounds", type=int, default=None, help="training rounds (default: the consortium config's)")
     p.add_argument("--flower-defaults", action="store_true",
@@ -234,8 +236,11 @@ def main(argv: list[str] | None = None) -> None:
     logs.mkdir(exist_ok=True)
     print(f"work folder {work} (logs in {logs})", flush=True)
     sim_cfg, dep_cfg = configs(work, a.patients, a.rounds, a.flower_defaults)
-    t = rectalfl("simulate", "--prepare-only", "--config", str(sim_cfg), cwd=work, log=logs / "prepare.log")
-    print(f"cohort made and preprocessed in {t:.0f} s", flush=True)
+    if (work / "data" / "cache" / "external" / "manifest.csv").is_file():
+        print("reusing the cohort already made in this work folder", flush=True)
+    else:
+        t = rectalfl("simulate", "--prepare-only", "--config", str(sim_cfg), cwd=work, log=logs / "prepare.log")
+        print(f"cohort made and preprocessed in {t:.0f} s", flush=True)
     figures: dict[str, dict[str, float]] = {}
     if not a.skip_simulation:
         t = rectalfl("simulate", "--config", str(sim_cfg), cwd=work, log=logs / "simulate.log")

@@ -192,3 +192,16 @@ def test_site_speed_settings_are_validated():
     assert cfg.deploy.site_busy_poll_s is None and cfg.deploy.site_warm_start is False
     with pytest.raises(Exception, match="site_busy_poll_s"):
         parse_config({"deploy": {"site_busy_poll_s": 10}})
+
+
+def test_site_threads_reach_the_app_gate_environment():
+    from client.cli import thread_env
+    from shared.config import parse_config
+
+    env = {"PATH": "/bin"}
+    assert thread_env(env, None) == env
+    assert thread_env(env, 2) == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                                  "OPENBLAS_NUM_THREADS": "2"}
+    assert parse_config({"deploy": {"site_threads": 1}}).deploy.site_threads == 1
+    with pytest.raises(Exception, match="site_threads"):
+        parse_config({"deploy": {"site_threads": 0}})
