@@ -161,6 +161,7 @@ def deployment_run(work: Path, cfg_path: Path, log_dir: Path) -> Path:
     from server.deploy import list_nodes
 
     cfg = yaml.safe_load(cfg_path.read_text())
+    shutil.rmtree(work / ".flwr", ignore_errors=True)  # a fresh SuperLink state for every run measured
     if not (work / "certs" / "ca.crt").is_file():  # (kept from an earlier run in the same work folder)
         rectalfl("certs", "init", "--dir", str(work / "certs"), cwd=work, log=log_dir / "certs.log")
         for s in SITES:
