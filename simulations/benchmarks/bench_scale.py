@@ -7,8 +7,8 @@ Run from the repository root::
 
 For each size it makes a synthetic cohort of ``--sites`` training sites plus one external site, each
 with ``--patients`` patients on a ``--shape`` grid (small, so that preprocessing is not what is
-measured), preprocesses it, and runs ``rectalfl simulate`` (the whole pipeline: discovery, training,
-signatures, securely aggregated statistics, the fusion analysis, the report) in a subprocess, while
+measured), preprocesses it, and runs ``rectalfl simulate`` (discovery, training, signatures, their
+securely aggregated AUCs, the report; the fusion analysis only with ``--with-analysis``) in a subprocess, while
 sampling every 0.5 s the resident memory of that process and every process below it (Ray's raylet,
 workers and the ClientApp actors). Printed per size: seconds per training round (mean over rounds,
 from the run record), the whole run, and the peak of the summed RSS. Goal of the speed issue: 50
@@ -59,7 +59,7 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def config(work: Path, n_sites: int, patients: int, shape: list[int], rounds: int) -> Path:
+def config(work: Path, n_sites: int, patients: int, shape: list[int], rounds: int, analysis: bool) -> Path:
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     sites = [{"name": f"site_{i:02d}", "patients": patients, "prevalence": 0.4, "scanner": SCANNERS[i % 3]}
              for i in range(n_sites)]
@@ -72,14 +72,14 @@ def config(work: Path, n_sites: int, patients: int, shape: list[int], rounds: in
     demo["federation"].update(rounds=rounds, min_sites=2)
     demo["privacy"] = {**demo.get("privacy", {}), "min_cell_count": 3}
     demo["policy"] = {**demo.get("policy", {}), "min_cell_count": 3}
-    demo.setdefault("fusion", {})["variants"] = False
+    demo.setdefault("fusion", {}).update(variants=False, enabled=analysis)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(demo))
     return path
 
 
 def run_size(n_sites: int, a: argparse.Namespace, work: Path) -> dict[str, float]:
-    cfg = config(work, n_sites, a.patients, a.shape, a.rounds)
+    cfg = config(work, n_sites, a.patients, a.shape, a.rounds, a.with_analysis)
     exe = str(Path(sys.executable).parent / "rectalfl")
     env = {**os.environ, "COLUMNS": "200"}
     t0 = time.perf_counter()
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patients", type=int, default=12, help="patients per site")
     p.add_argument("--shape", type=int, nargs=3, default=[48, 48, 8])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--with-analysis", action="store_true",
+                   help="also run the fusion analysis (off by default: with 20 sites it makes hundreds of message "
+                        "rounds, see the README)")
     p.add_argument("--workdir", type=Path, default=None, help="keep cohorts and runs here (default: temporary)")
     a = p.parse_args(argv)
     rows = []
