@@ -15,7 +15,7 @@ process`` (the SuperNode starts no app process itself) and this gate in its plac
 ``warm`` mode (default; ``deploy.site_warm_start``)
     One process, started by the gate, that imports the third-party libraries a ClientApp needs
     (Flower's runtime, NumPy, pandas, SciPy, scikit-learn, PyTorch, MONAI: :data:`PRELOAD`) and then
-    waits. For each claimed task the gate hands it the task token and it ``fork()``\s: the child runs
+    waits. For each claimed task the gate hands it the task token and it forks (``os.fork``): the child runs
     ``clientapp`` mode below and exits. A fresh Python spends 2-4 s (statistics) to 8 s (training) of
     CPU importing these at every message; a fork takes milliseconds. What stays the same: every
     message runs in its own new process; the warm process never imports the project's packages,
