@@ -166,7 +166,7 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
     return done
 
 
-def _child_after_fork(parent_pid: int | None) -> None:
+def _child_after_fork() -> None:
     """In a forked ClientApp: die with the warm process, default signals, fresh generator seeds."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -219,7 +219,7 @@ def warm(runtime_api_address: str, parent_pid: int | None, modules: tuple[str, .
         if pid == 0:  # the ClientApp: a new process holding only the preloaded libraries
             code = 0
             try:
-                _child_after_fork(parent_pid)
+                _child_after_fork()
                 sys.stdin = open(os.devnull)  # noqa: SIM115 - the token pipe belongs to the warm process
                 clientapp(runtime_api_address, parent_pid, token=token)
             except SystemExit as exc:
@@ -328,16 +328,17 @@ def superexec(runtime_api_address: str, secret_file: Path, allowed: list[str], a
             continue
         failures = 0
         if res.HasField("task") and res.token and warm_start:
-            proc = warm_proc[0] if warm_proc and warm_proc[0].poll() is None else start_warm()
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(f"{res.token}\n")
-                proc.stdin.flush()
-            except (BrokenPipeError, OSError):  # it died between the check and the write: start it again
-                proc = start_warm()
-                assert proc.stdin is not None
-                proc.stdin.write(f"{res.token}\n")
-                proc.stdin.flush()
+            for attempt in (1, 2):  # a warm process that died (even between the check and the write) is restarted
+                proc = warm_proc[0] if warm_proc and warm_proc[0].poll() is None else start_warm()
+                try:
+                    assert proc.stdin is not None
+                    proc.stdin.write(f"{res.token}\n")
+                    proc.stdin.flush()
+                    break
+                except (BrokenPipeError, OSError):
+                    warm_proc.clear()
+                    if attempt == 2:
+                        raise
         elif res.HasField("task") and res.token:
             proc = subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), "clientapp",
                                      "--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())],

@@ -57,12 +57,10 @@ from shared.records import (
     message_arrays,
     pack_arrays,
     pack_json,
-    pack_record,
     record_to_arrays,
     states_to_record,
     unflatten_states,
     unpack_json,
-    unpack_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -226,11 +224,11 @@ def _train(algo: Any, msg: Message, context: Context | None = None) -> RecordDic
     if session is not None:  # only the weighted sum over the sites can be read by the server
         from client.secure_updates import mask_update
         from shared.secure_updates import weights_digest
-        from shared.wire import unpack
+        from shared.wire import unpack, unpack_bytes
 
         envelopes = None
         if "secagg" in conf:
-            extra = unpack_record(msg.content["secagg-arrays"]) if "secagg-arrays" in msg.content else {}
+            extra = unpack_bytes(conf["secagg-arrays"]) if "secagg-arrays" in conf else {}
             envelopes = unpack(str(conf["secagg"]), extra)["envelopes"]
         masked = mask_update(_secagg(algo, context, rules), algo.cache_dir, site=algo.site, session=session,
                              envelopes=envelopes, arrays=record_to_arrays(arrays), n=res.num_examples,
@@ -259,13 +257,13 @@ def _secagg(algo: Any, context: Context | None, rules: Any = None) -> Any:
 
 def _secagg_setup(algo: Any, msg: Message, context: Context) -> RecordDict:
     from client.secure_updates import setup
-    from shared.wire import pack, unpack
+    from shared.wire import pack, pack_bytes, unpack, unpack_bytes
 
     conf = msg.content["config"]
-    arrays = unpack_record(msg.content["arrays"]) if "arrays" in msg.content else {}
+    arrays = unpack_bytes(conf["request-arrays"]) if "request-arrays" in conf else {}
     request = {**unpack(str(conf["request"]), arrays), "run": _run_id(msg) or ""}
     text, out = pack(setup(_secagg(algo, context), request))
-    return RecordDict({"reply": ConfigRecord({"json": text}), "arrays": pack_record(out)})
+    return RecordDict({"reply": ConfigRecord({"json": text, "arrays": pack_bytes(out)})})
 
 
 def _run_id(msg: Message) -> str | None:
@@ -284,9 +282,10 @@ def _fusion(algo: Any, msg: Message, context: Context) -> RecordDict:
     """Score with the fitted fusion models: only models this site derived itself (its own fit state)."""
     from client.stats_service import PolicyRefusal
     from shared.fusion import models_from_payload
+    from shared.wire import unpack_bytes
 
-    columns = unpack_json(str(msg.content["config"]["fusion-models"]))
-    models = models_from_payload(unpack_record(msg.content["arrays"]), columns)
+    conf = msg.content["config"]
+    models = models_from_payload(unpack_bytes(conf["fusion-arrays"]), unpack_json(str(conf["fusion-models"])))
     run = _run_id(msg)
     own = _site_service(algo, context).derived_models(run) if run else {}
     foreign = sorted(name for name, m in models.items() if m.digest() not in own)
@@ -350,10 +349,7 @@ def _stats(algo: Any, msg: Message, context: Context) -> tuple[RecordDict, dict[
     run = _run_id(msg)
     if run is None:
         raise ValueError("statistics request without a run-id")
-    if "request-arrays" in conf:
-        arrays = unpack_bytes(conf["request-arrays"])
-    else:
-        arrays = unpack_record(msg.content["arrays"]) if "arrays" in msg.content else {}
+    arrays = unpack_bytes(conf["request-arrays"]) if "request-arrays" in conf else {}
     request = unpack(str(conf["request"]), arrays)
     reply = _site_service(algo, context).handle(run, request)
     refused = {str(q): str(r.get("rule", "?")) for q, r in (reply.get("refused") or {}).items()}

@@ -28,12 +28,10 @@ from shared.records import (
     arrays_to_record,
     pack_arrays,
     pack_json,
-    pack_record,
     record_to_arrays,
     states_to_record,
     unpack_arrays,
     unpack_json,
-    unpack_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -465,7 +463,7 @@ class Orchestrator:
         import uuid
 
         from shared.secagg import SecAggDropout, route_envelopes
-        from shared.wire import pack, unpack
+        from shared.wire import pack, pack_bytes, unpack, unpack_bytes
 
         nodes = {n.site: n.node_id for n in self.train_nodes}
         parts = sorted(nodes)
@@ -478,13 +476,13 @@ class Orchestrator:
             msgs = []
             for site, nid in nodes.items():
                 text, arrays = pack({**request, **(per_site or {}).get(site, {})})
-                msgs.append(Message(content=RecordDict({"config": self._config(request=text),
-                                                        "arrays": pack_record(arrays)}),
+                msgs.append(Message(content=RecordDict({"config": self._config(
+                                        request=text, **{"request-arrays": pack_bytes(arrays)})}),
                                     message_type="train.secagg", dst_node_id=nid))
             replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
             ok = self._record_failures("train", rnd, list(nodes.values()), replies)
             got = {str(m.content["site"]["name"]): unpack(str(m.content["reply"]["json"]),
-                                                          unpack_record(m.content["arrays"])) for m in ok}
+                                                          unpack_bytes(m.content["reply"]["arrays"])) for m in ok}
             missing = [s for s in parts if s not in got]
             if missing:
                 raise FederationError(f"round {rnd}: secure aggregation could not be set up: no answer from "
@@ -506,7 +504,7 @@ class Orchestrator:
         """Each training message gets the session id and, in the session's first round, its envelopes."""
         from flwr.app import ConfigRecord as CR
 
-        from shared.wire import pack
+        from shared.wire import pack, pack_bytes
 
         out = []
         for m in messages:
@@ -516,8 +514,7 @@ class Orchestrator:
             content = {"arrays": m.content["arrays"]}
             if session["first"]:
                 text, env = pack({"envelopes": session["inbox"].get(site, {})})
-                conf["secagg"] = text
-                content["secagg-arrays"] = pack_record(env)
+                conf["secagg"], conf["secagg-arrays"] = text, pack_bytes(env)
             content["config"] = CR(conf)
             out.append(Message(content=RecordDict(content), message_type=m.metadata.message_type,
                                dst_node_id=m.metadata.dst_node_id, group_id=m.metadata.group_id))
@@ -650,11 +647,7 @@ class Orchestrator:
         out: dict[str, dict] = {}
         for m in ok:
             rep = m.content["reply"]
-            if "arrays" in rep:
-                arrays = unpack_bytes(rep["arrays"])
-            else:
-                arrays = unpack_record(m.content["arrays"]) if "arrays" in m.content else {}
-            out[str(m.content["site"]["name"])] = unpack(str(rep["json"]), arrays)
+            out[str(m.content["site"]["name"])] = unpack(str(rep["json"]), unpack_bytes(rep["arrays"]))
         return out
 
     def exchange(self, stage: str, msgs: list[Message]) -> dict[str, dict]:
@@ -663,7 +656,7 @@ class Orchestrator:
         ok = self._record_failures(stage, None, [m.metadata.dst_node_id for m in msgs], replies)
         out: dict[str, dict] = {}
         for m in ok:
-            vals: dict[str, Any] = dict(unpack_record(m.content["arrays"])) if "arrays" in m.content else {}
+            vals: dict[str, Any] = dict(record_to_arrays(m.content["arrays"])) if "arrays" in m.content else {}
             if "metrics" in m.content:
                 vals.update(dict(m.content["metrics"].items()))
             out[str(m.content["site"]["name"])] = vals

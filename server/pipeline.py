@@ -230,12 +230,13 @@ def fusion_transport(orch: Any) -> Any:
     from flwr.app import Message, RecordDict
 
     from shared.fusion import models_to_payload
-    from shared.records import pack_json, pack_record
+    from shared.records import pack_json
+    from shared.wire import pack_bytes
 
     def send(models: dict) -> dict[str, dict]:
         arrays, columns = models_to_payload(models)
-        msgs = [Message(content=RecordDict({"arrays": pack_record(arrays),
-                                            "config": orch._config(**{"fusion-models": pack_json(columns)})}),
+        msgs = [Message(content=RecordDict({"config": orch._config(**{"fusion-models": pack_json(columns),
+                                                                      "fusion-arrays": pack_bytes(arrays)})}),
                         message_type="evaluate.fusion", dst_node_id=n.node_id) for n in orch.nodes]
         return orch.exchange("analysis", msgs)
 

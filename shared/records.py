@@ -129,44 +129,6 @@ def unpack_arrays(record: ArrayRecord, layout: str) -> OrderedDict[str, np.ndarr
     return out
 
 
-WIRE_LAYOUT = "__layout__"
-"""Key of the uint8 array that carries a :func:`pack_record`'s layout (JSON) inside the record itself."""
-
-
-def pack_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Any named arrays as ONE ``ArrayRecord`` of one flat array per dtype plus its layout (see
-    :func:`pack_arrays`), the layout carried inside as the uint8 array ``__layout__``, so the record
-    needs no config entry. For statistics, secure-aggregation and fusion messages, whose replies hold
-    dozens to hundreds of small arrays: each would be its own request on the Deployment Engine."""
-    record, layout = pack_arrays(dict(arrays))
-    record[WIRE_LAYOUT] = Array(np.frombuffer(layout.encode(), dtype=np.uint8).copy())
-    return record
-
-
-def unpack_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
-    """Inverse of :func:`pack_record`; a record without ``__layout__`` is read array by array.
-
-    Raises
-    ------
-    ValueError
-        A layout that is not valid JSON or does not match the arrays sent with it.
-    """
-    if WIRE_LAYOUT not in record:
-        return record_to_arrays(record)
-    try:
-        layout = record[WIRE_LAYOUT].numpy().astype(np.uint8).tobytes().decode()
-        spec = unpack_json(layout)
-        if not isinstance(spec, list) or not all(isinstance(e, list) and len(e) == 3 for e in spec):
-            raise ValueError("not a list of [name, dtype, shape]")
-    except ValueError as exc:
-        raise ValueError(f"malformed packed arrays: {exc}") from None
-    flats = ArrayRecord(OrderedDict((k, v) for k, v in record.items() if k != WIRE_LAYOUT))
-    try:
-        return unpack_arrays(flats, layout)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"malformed packed arrays: {exc}") from None
-
-
 def message_arrays(content: Any) -> OrderedDict[str, np.ndarray]:
     """The named arrays of a message's ``arrays`` record, packed (``config[array-layout]``) or not."""
     conf = content["config"] if "config" in content else None

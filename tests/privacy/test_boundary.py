@@ -23,7 +23,6 @@ from client import client_app
 from server.pipeline import simulation_sites
 from shared.models import initial_states, signature_keys
 from shared.records import (
-    arrays_to_record,
     is_local_only,
     pack_json,
     states_to_record,
@@ -228,6 +227,7 @@ def test_statistics_release_only_aggregates_and_hide_every_site_number(consortiu
 def test_fusion_scores_only_with_models_the_site_derived(consortium, run_identity) -> None:
     """evaluate.fusion with a model the site did not derive (a server-made scoring function) is refused."""
     from shared.fusion import SVMModel, models_to_payload
+    from shared.wire import pack_bytes
     from simulations.sites import prepare_site_policies
 
     cfg, sites = consortium
@@ -240,8 +240,8 @@ def test_fusion_scores_only_with_models_the_site_derived(consortium, run_identit
     model = SVMModel(cols, np.full(len(cols), 0.5), np.full(len(cols), 0.1), rng.normal(size=(16, len(cols))),
                      rng.uniform(0, 6.28, 16), rng.normal(size=16), 0.1, -1.0, 0.0, 1.0, 0.1)
     arrays, columns = models_to_payload({"FDL": model})
-    content = RecordDict({"arrays": arrays_to_record(arrays),
-                          "config": _config(cfg, sites, **{"fusion-models": pack_json(columns), "run-id": run})})
+    content = RecordDict({"config": _config(cfg, sites, **{"fusion-models": pack_json(columns), "run-id": run,
+                                                           "fusion-arrays": pack_bytes(arrays)})})
     reply = client_app.fusion(Message(content, dst_node_id=100, message_type="evaluate.fusion"),
                               node_context(0, len(sites)))
     assert reply.has_error() and "not derived by this site" in reply.error.reason

@@ -74,38 +74,6 @@ def test_backbone_keys_must_not_contain_the_separator() -> None:
         flatten_states({"pre/t2w": OrderedDict(w=torch.zeros(1))})
 
 
-def test_pack_record_carries_any_named_arrays_in_one_array_per_dtype_and_round_trips():
-    from shared.records import WIRE_LAYOUT, arrays_to_record, pack_record, unpack_record
-
-    rng = np.random.default_rng(3)
-    arrays = {f"q{i}": rng.normal(size=(i % 4 + 1, 3)) for i in range(60)}
-    arrays.update(counts=np.arange(7, dtype=np.int64), flags=np.array([1, 0, 1], dtype=np.uint8),
-                  scalar=np.array(2.5, dtype=np.float32), empty=np.zeros((0, 5)))
-    record = pack_record(arrays)
-    assert len(record) == 5  # float64, int64, uint8, float32 + the layout: not 64 separate objects
-    back = unpack_record(record)
-    assert list(back) == list(arrays)
-    for k, v in arrays.items():
-        assert back[k].dtype == v.dtype and back[k].shape == v.shape
-        np.testing.assert_array_equal(back[k], v)
-    assert WIRE_LAYOUT in record and len(pack_record({})) == 1 and unpack_record(pack_record({})) == {}
-    plain = unpack_record(arrays_to_record({"a": np.ones(3)}))  # an unpacked record (older peer) still reads
-    np.testing.assert_array_equal(plain["a"], np.ones(3))
-
-
-@pytest.mark.parametrize("layout", [b"not json", b'{"a": 1}', b'[["a", "<f8", [10]]]', b'[["a", "<f8", "x"]]',
-                                    b"\xff\xfe"])
-def test_unpack_record_refuses_a_malformed_layout(layout):
-    from flwr.app import Array
-
-    from shared.records import WIRE_LAYOUT, pack_record, unpack_record
-
-    record = pack_record({"a": np.ones(3)})
-    record[WIRE_LAYOUT] = Array(np.frombuffer(layout, dtype=np.uint8).copy())
-    with pytest.raises(ValueError, match="malformed packed arrays"):
-        unpack_record(record)
-
-
 def test_pack_bytes_round_trips_numeric_arrays_exactly():
     from shared.wire import pack_bytes, unpack_bytes
 
