@@ -90,10 +90,10 @@ def run_figures(run_dir: Path) -> dict[str, float]:
             "fusion_s": dur("analysis"), "run_s": (_ts(finished) or 0) - (_ts(created) or 0)}
 
 
-ROLES = (("flower-superlink", "SuperLink"), ("server.gateway", "Fleet gateway"), ("flwr-serverapp", "ServerApp"),
+ROLES = (("flower-superlink", "SuperLink"), ("server.gateway", "Fleet gateway"), ("flwr-serverapp", "ServerApp (+ its SuperExec)"),
          ("supernode_poll.py", "SuperNodes"), ("flower-supernode", "SuperNodes"), ("app_gate.py warm", "ClientApps (warm + forks)"),
          ("app_gate.py clientapp", "ClientApps (warm + forks)"), ("app_gate.py superexec", "app gates"),
-         ("site join", "site join"), ("flower-superexec", "SuperExec (+ the ServerApp once ended)"), ("server start", "server start"))
+         ("site join", "site join"), ("server.superexec", "ServerApp (+ its SuperExec)"), ("server start", "server start"))
 
 
 def cpu_by_role(roots: list[int]) -> dict[str, float]:
