@@ -69,6 +69,8 @@ class Precision:
     dtype: torch.dtype | None  # autocast dtype; None = fp32, no autocast
     scaler: bool  # a GradScaler (fp16 only)
     channels_last: bool
+    compile: bool = False  # train through torch.compile (CUDA only)
+    deterministic: bool = True  # CUDA: deterministic cuDNN kernels; False = autotuned (cudnn.benchmark)
 
     @property
     def name(self) -> str:
@@ -76,22 +78,35 @@ class Precision:
 
 
 def resolve_precision(precision: str, channels_last: bool, device: torch.device,
-                      bf16_supported: bool | None = None) -> Precision:
-    """``train.precision`` / ``train.channels_last`` on ``device``: every switch is off except on CUDA.
+                      bf16_supported: bool | None = None, *, compile: bool = False,
+                      deterministic: bool = True) -> Precision:
+    """``train.precision`` / ``channels_last`` / ``compile`` / ``deterministic`` on ``device``: every
+    switch is off except on CUDA (CPU training is fp32, eager and deterministic).
 
     ``auto`` is bf16 where the GPU supports it (``torch.cuda.is_bf16_supported``), else fp16.
     """
     if device.type != "cuda":
-        if precision not in ("fp32", "auto") or channels_last:
-            logger.info("train.precision=%s / channels_last=%s apply on CUDA only; training in fp32 on %s",
-                        precision, channels_last, device)
+        if precision not in ("fp32", "auto") or channels_last or compile:
+            logger.info("train.precision=%s / channels_last=%s / compile=%s apply on CUDA only; training in "
+                        "fp32, eager, on %s", precision, channels_last, compile, device)
         return Precision(None, False, False)
     if precision == "auto":
         if bf16_supported is None:
             bf16_supported = bool(torch.cuda.is_bf16_supported())
         precision = "bf16" if bf16_supported else "fp16"
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return Precision(dtype, dtype is torch.float16, bool(channels_last))
+    return Precision(dtype, dtype is torch.float16, bool(channels_last), bool(compile), bool(deterministic))
+
+
+def training_network(model: nn.Module, prec: Precision, device: torch.device) -> nn.Module:
+    """The module a training loop calls: ``model`` itself, or ``torch.compile(model)`` (same parameters)
+    when ``prec.compile``; on CUDA also sets cuDNN's deterministic / autotuning mode from ``prec``."""
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = prec.deterministic
+        torch.backends.cudnn.benchmark = not prec.deterministic
+    if prec.compile:
+        return torch.compile(model)  # type: ignore[return-value]
+    return model
 
 
 # --------------------------------------------------------------------------- splits
@@ -282,7 +297,8 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
         return train_backbone_dp(model, data, cfg, epochs=epochs, seed=seed, dp=dp, device=device,
                                  global_state=global_state, proximal_mu=proximal_mu)
     device = device or torch.device("cpu")
-    prec = resolve_precision(cfg.precision, cfg.channels_last, device)
+    prec = resolve_precision(cfg.precision, cfg.channels_last, device, compile=cfg.compile,
+                             deterministic=cfg.deterministic)
     t0 = time.perf_counter()
     n = len(data)
     if n == 0:
@@ -292,6 +308,7 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
     fmt = torch.channels_last if prec.channels_last and data.x.ndim == 4 else None
     if fmt is not None:
         model.to(memory_format=fmt)
+    net = training_network(model, prec, device)
     scaler = torch.amp.GradScaler("cuda") if prec.scaler else None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     pos = float(data.y.sum())
@@ -321,7 +338,7 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
                 xb = xb.contiguous(memory_format=fmt)
             yb = y_all[idx].to(device, non_blocking=cuda)
             with torch.autocast(device.type, dtype=prec.dtype, enabled=prec.dtype is not None):
-                logits = model(xb).reshape(-1)
+                logits = net(xb).reshape(-1)
             loss = loss_fn(logits.float(), yb)
             if anchors is not None:
                 prox = sum(((p - anchors[name]) ** 2).sum() for name, p in model.named_parameters())

@@ -163,6 +163,11 @@ class SynthConfig(_Section):
     )
     shape: tuple[int, int, int] = (96, 96, 12)
     """Volume size (x, y, z) in voxels at the reference 0.7 x 0.7 x 4 mm grid."""
+    fov_mm: tuple[float, float, float] | None = None
+    """Field of view (x, y, z) of that reference grid in mm; null: ``shape`` x (0.7, 0.7, 4). A clinical
+    small-FOV rectal T2W series is ``shape: [512, 512, 30]`` with ``fov_mm: [220, 220, 120]`` (0.43 x 0.43
+    mm in plane on the Siemens-like profile; each scanner profile keeps its own spacing relative to the
+    reference). The anatomy fills the field of view whatever the voxel count."""
     signal: float = Field(1.0, ge=0.0, le=5.0)
     """Strength of the response signal in the images (0 = images carry no information)."""
     missing_mask_fraction: float = Field(0.1, ge=0.0, le=1.0)
@@ -170,6 +175,13 @@ class SynthConfig(_Section):
     dicom_fraction: float = Field(0.0, ge=0.0, le=1.0)
     """Fraction of cases written as DICOM series folders instead of NIfTI."""
     include_adc: bool = False
+
+    @field_validator("fov_mm")
+    @classmethod
+    def _positive_fov(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and not all(10.0 <= float(x) <= 1000.0 for x in v):
+            raise ValueError(f"fov_mm must be three lengths between 10 and 1000 mm, got {list(v)}")
+        return v
 
     @field_validator("sites")
     @classmethod
@@ -205,6 +217,15 @@ class TrainConfig(_Section):
     trains in fp32: with ``privacy.dp`` a fixed ``bf16``/``fp16`` is a config error and ``auto`` means fp32."""
     channels_last: bool = False
     """CUDA only: 2-D networks and their batches in channels-last memory format (faster convolutions)."""
+    compile: bool = False
+    """CUDA only: train through ``torch.compile(network)`` (TorchInductor). The first round of each process
+    pays the compilation (tens of seconds to minutes for DenseNet121); off on CPU; refused with DP-SGD
+    (Opacus' per-sample hooks). See the README's bench_gpu row."""
+    deterministic: bool = True
+    """CUDA: deterministic cuDNN kernels (``cudnn.deterministic``, no autotuning), so the same seed gives
+    the same weights on the same GPU and software. false is the fast mode: cuDNN autotuning
+    (``cudnn.benchmark``) picks the fastest kernels, results may differ in the last bits run to run. CPU
+    training is deterministic either way."""
     seed: int | None = Field(None, ge=0)
     """Seed of weight initialisation and local updates; null uses the run's ``seed`` (which also fixes
     the synthetic cohort and the splits), so repeated training on the same data is one key away."""
@@ -496,6 +517,9 @@ class RectalFLConfig(_Section):
 
     @model_validator(mode="after")
     def _precision_without_dp(self) -> RectalFLConfig:
+        if self.privacy.dp and self.train.compile:
+            raise ValueError("train.compile with privacy.dp: Opacus' per-sample gradient hooks do not go through "
+                             "torch.compile; set train.compile: false")
         if self.privacy.dp and self.train.precision not in ("fp32", "auto"):
             raise ValueError(f"train.precision {self.train.precision!r} with privacy.dp: DP-SGD trains in fp32 (its "
                              "per-sample gradients and noise are calibrated in fp32); set train.precision: fp32")

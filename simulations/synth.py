@@ -76,8 +76,10 @@ from simulations.synth_render import (
     acquire,
     image_effects,
     make_grids,
+    reference_fov,
     render_timepoint,
     sample_anatomy,
+    spacing_scale,
 )
 
 __all__ = [
@@ -195,7 +197,8 @@ def render_patient(cfg: SynthConfig, spec: SiteSpec, seed: int, index: int, *,
     profile = SCANNER_PROFILES[spec.scanner]
     latent, row = patient_record(seed, spec, index)
     pid = str(row["patient_id"])
-    anat = sample_anatomy(patient_rng(seed, spec.name, index, "anatomy"), tuple(cfg.shape), row, latent)
+    anat = sample_anatomy(patient_rng(seed, spec.name, index, "anatomy"), tuple(cfg.shape), row, latent,
+                          cfg.fov_mm)
     fx = image_effects(latent, cfg.signal)
     out = PatientVolumes(patient_id=pid, row=row, latent=latent, effects=fx)
     strength = profile.bias_strength if bias_strength is None else float(bias_strength)
@@ -203,7 +206,7 @@ def render_patient(cfg: SynthConfig, spec: SiteSpec, seed: int, index: int, *,
         grng = patient_rng(seed, spec.name, index, f"geometry-{tp}")
         centre = anat.world_offset + np.array([grng.normal(0, 0.05 * anat.H), grng.normal(0, 0.05 * anat.H),
                                                grng.normal(0, 0.08 * anat.Hz)])
-        t2_grid, dwi_grid = make_grids(tuple(cfg.shape), profile, centre, grng)
+        t2_grid, dwi_grid = make_grids(tuple(cfg.shape), profile, centre, grng, cfg.fov_mm)
         bias = BiasField.sample(patient_rng(seed, spec.name, index, f"bias-{tp}"), t2_grid, strength)
         for grid, group in ((t2_grid, ("t2w", "ce_t1w")), (dwi_grid, ("dwi", "adc"))):
             wanted = tuple(s for s in group if s in seqs)
@@ -514,7 +517,10 @@ class CohortSummary:
 
 
 def _params(cfg: SynthConfig, seed: int) -> dict[str, Any]:
-    return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "synth": cfg.model_dump(mode="json")}
+    synth = cfg.model_dump(mode="json")
+    if synth.get("fov_mm") is None:  # the default: cohorts made before the option existed stay the same cohort
+        synth.pop("fov_mm", None)
+    return {"generator_version": GENERATOR_VERSION, "seed": int(seed), "synth": synth}
 
 
 def load_cohort_manifest(out_dir: str | Path) -> dict[str, Any]:
@@ -798,7 +804,8 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, seed: int = 42, *, wo
         files += 1
         nbytes += csv_path.stat().st_size
         profile = SCANNER_PROFILES[spec.scanner]
-        t2 = [profile.inplane_mm, profile.inplane_mm, profile.slice_mm]
+        scale = spacing_scale(tuple(cfg.shape), cfg.fov_mm)
+        t2 = [float(v) for v in np.array([profile.inplane_mm, profile.inplane_mm, profile.slice_mm]) * scale]
         nx, ny, _ = cfg.shape
         site_entries.append({
             "name": spec.name, "external": spec.external, "patients": spec.patients,
@@ -812,7 +819,8 @@ def generate_cohort(cfg: SynthConfig, out_dir: str | Path, seed: int = 42, *, wo
     seconds = time.perf_counter() - t0
     manifest = {
         "generator": "simulations.synth", "generator_version": GENERATOR_VERSION,
-        "seed": int(seed), "shape": list(cfg.shape), "signal": cfg.signal,
+        "seed": int(seed), "shape": list(cfg.shape), "fov_mm": [float(v) for v in reference_fov(tuple(cfg.shape), cfg.fov_mm)],
+        "signal": cfg.signal,
         "sequences": list(cohort_sequences(cfg)), "timepoints": list(TIMEPOINTS),
         "missing_mask_fraction": cfg.missing_mask_fraction, "second_rater_fraction": cfg.second_rater_fraction,
         "dicom_fraction": cfg.dicom_fraction, "include_adc": cfg.include_adc,

@@ -6,7 +6,8 @@ Each patient's anatomy is defined ONCE, in millimetres, in a patient frame centr
 (x to the patient's left, y posterior, z cranial; world = patient frame + a per-patient offset).
 Sizes are fractions of the reference field of view, ``H = 0.5 * min(shape_x, shape_y) * 0.7`` mm
 in plane and ``Hz = 0.5 * shape_z * 4`` mm through plane (``SynthConfig.shape`` is given at the
-reference 0.7 x 0.7 x 4 mm grid), so the scene fills the volume whatever its size. Structures,
+reference 0.7 x 0.7 x 4 mm grid; ``SynthConfig.fov_mm`` sets that field of view instead, e.g. a
+clinical 512 x 512 x 30 series over 220 x 220 x 120 mm), so the scene fills the volume whatever its size. Structures,
 from the outside in: body outline (air outside), subcutaneous fat, a muscle layer, pelvic fat,
 obturator and gluteal muscles, the bony pelvis (cortex ring around marrow: lateral walls and the
 sacrum), the bladder and prostate/uterus anteriorly, the mesorectal fascia and fat with a few
@@ -54,12 +55,29 @@ __all__ = [
     "ScannerProfile",
     "image_effects",
     "make_grids",
+    "reference_fov",
     "render_timepoint",
     "sample_anatomy",
+    "spacing_scale",
 ]
 
 REFERENCE_SPACING: tuple[float, float, float] = (0.7, 0.7, 4.0)
 """The grid at which ``SynthConfig.shape`` is given (mm)."""
+
+
+def reference_fov(shape: tuple[int, int, int], fov_mm: tuple[float, float, float] | None = None) -> np.ndarray:
+    """The scene's field of view (x, y, z) in mm: ``fov_mm``, or ``shape`` x :data:`REFERENCE_SPACING`."""
+    if fov_mm is None:
+        return np.asarray(shape, dtype=np.float64) * np.asarray(REFERENCE_SPACING)
+    return np.asarray(fov_mm, dtype=np.float64)
+
+
+def spacing_scale(shape: tuple[int, int, int], fov_mm: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Factor (x, y, z) applied to every scanner profile's spacing so ``shape`` voxels cover ``fov_mm``
+    (exactly 1 when ``fov_mm`` is None)."""
+    if fov_mm is None:
+        return np.ones(3)
+    return reference_fov(shape, fov_mm) / (np.asarray(shape, dtype=np.float64) * np.asarray(REFERENCE_SPACING))
 EDGE_MM = 0.6
 """Width of the soft (partial-volume) edge of every structure."""
 TUMOUR_THRESHOLD = 0.5
@@ -248,16 +266,17 @@ def _rotation(rng: np.random.Generator, min_deg: float = 2.0, max_deg: float = 8
 
 
 def make_grids(shape: tuple[int, int, int], profile: ScannerProfile, centre: np.ndarray,
-               rng: np.random.Generator) -> tuple[Grid, Grid]:
+               rng: np.random.Generator, fov_mm: tuple[float, float, float] | None = None) -> tuple[Grid, Grid]:
     """The T2W/CE-T1W grid and the coarser DWI/ADC grid of one timepoint.
 
     Both are centred on ``centre`` (world mm) with the same random oblique direction and the same
     field of view; the DWI grid has half the in-plane voxels (at least 4) and the matching spacing.
+    The profile's spacing is scaled by :func:`spacing_scale` (``fov_mm``: ``SynthConfig.fov_mm``).
     """
     nx, ny, nz = (int(s) for s in shape)
     rot = _rotation(rng)
     direction = tuple(float(v) for v in rot.ravel())
-    sp = np.array([profile.inplane_mm, profile.inplane_mm, profile.slice_mm])
+    sp = np.array([profile.inplane_mm, profile.inplane_mm, profile.slice_mm]) * spacing_scale(shape, fov_mm)
     size = np.array([nx, ny, nz])
     origin = centre - rot @ (sp * (size - 1) / 2.0)
     t2 = Grid((nx, ny, nz), tuple(float(v) for v in sp), tuple(float(v) for v in origin), direction)
@@ -370,16 +389,16 @@ def _rff(rng: np.random.Generator, n: int, lam_lo: float, lam_hi: float) -> tupl
 
 
 def sample_anatomy(rng: np.random.Generator, shape: tuple[int, int, int], row: Mapping[str, object],
-                   latent: PatientLatent) -> Anatomy:
+                   latent: PatientLatent, fov_mm: tuple[float, float, float] | None = None) -> Anatomy:
     """Draw one patient's anatomy (shared by both timepoints and all sequences).
 
     The T stage sets how far the tumour may grow beyond the wall (T2: confined to the wall, T3:
     0.08 H beyond, T4: 0.16 H); a positive CRM lets it reach the mesorectal fascia; the N stage
     sets the number of malignant lymph nodes (N0: none, N1: 1-3, N2: 4-6) next to 0-2 benign ones.
     """
-    nx, ny, nz = shape
-    H = 0.5 * min(nx, ny) * REFERENCE_SPACING[0]
-    Hz = 0.5 * nz * REFERENCE_SPACING[2]
+    fx, fy, fz = (float(v) for v in reference_fov(shape, fov_mm))
+    H = 0.5 * min(fx, fy)
+    Hz = 0.5 * fz
 
     def j(s: float = 0.06) -> float:
         return float(1.0 + rng.normal(0.0, s))

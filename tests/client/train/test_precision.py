@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.train import SliceSet, resolve_precision, train_backbone
+from client.train import Precision, SliceSet, resolve_precision, train_backbone, training_network
 from shared.config import ConfigError, TrainConfig, load_config
 from shared.models import build_model
 
@@ -25,8 +25,33 @@ def test_precision_on_cuda(asked, bf16, dtype, scaler) -> None:
 
 @pytest.mark.parametrize("asked", ["fp32", "bf16", "fp16", "auto"])
 def test_every_switch_is_off_on_cpu(asked) -> None:
-    p = resolve_precision(asked, True, torch.device("cpu"))
+    p = resolve_precision(asked, True, torch.device("cpu"), compile=True, deterministic=False)
     assert p.dtype is None and not p.scaler and not p.channels_last and p.name == "fp32"
+    assert not p.compile and p.deterministic
+
+
+def test_compile_and_fast_mode_on_cuda() -> None:
+    p = resolve_precision("bf16", False, torch.device("cuda:0"), bf16_supported=True, compile=True,
+                          deterministic=False)
+    assert p.compile and not p.deterministic
+    assert not resolve_precision("fp32", False, torch.device("cuda:0")).compile  # off unless asked
+
+
+def test_training_network_compiles_the_same_parameters_and_sets_cudnn_modes() -> None:
+    model = build_model("densenet_tiny", slice_size=32, seed=0)
+    eager = training_network(model, Precision(None, False, False), torch.device("cpu"))
+    assert eager is model
+    compiled = training_network(model, Precision(None, False, False, compile=True), torch.device("cpu"))
+    assert compiled is not model and compiled._orig_mod is model  # a wrapper: the optimiser steps model's tensors
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    try:  # the flags are process-wide settings, set without touching a GPU
+        training_network(model, Precision(None, False, False, deterministic=False), torch.device("cuda:0"))
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        training_network(model, Precision(None, False, False), torch.device("cuda:0"))
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
 
 @pytest.fixture
@@ -38,10 +63,12 @@ def slice_set() -> SliceSet:
 
 
 def test_cpu_training_is_identical_whatever_the_gpu_switches(slice_set) -> None:
-    """On CPU the same seed gives bit-identical weights with bf16 + channels-last asked as with fp32."""
+    """On CPU the same seed gives bit-identical weights with bf16 + channels-last + compile + fast mode asked
+    as with fp32."""
     out = []
-    for precision, cl in (("fp32", False), ("bf16", True)):
-        cfg = TrainConfig(backbone="densenet_tiny", batch_size=4, precision=precision, channels_last=cl)
+    for precision, fast in (("fp32", False), ("bf16", True)):
+        cfg = TrainConfig(backbone="densenet_tiny", batch_size=4, precision=precision, channels_last=fast,
+                          compile=fast, deterministic=not fast)
         model = build_model("densenet_tiny", slice_size=slice_set.x.shape[-1], seed=3)
         train_backbone(model, slice_set, cfg, epochs=1, seed=5)
         out.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -53,6 +80,7 @@ def test_cpu_training_is_identical_whatever_the_gpu_switches(slice_set) -> None:
 @pytest.mark.parametrize(("text", "match"), [
     ("privacy: {dp: true, noise_multiplier: 1.0}\ntrain: {precision: bf16}\n", "train.precision 'bf16' with privacy.dp"),
     ("train: {precision: fp17}\n", "train.precision"),
+    ("privacy: {dp: true, noise_multiplier: 1.0}\ntrain: {compile: true}\n", "train.compile with privacy.dp"),
 ])
 def test_bad_precision_settings_are_config_errors(tmp_path, text, match) -> None:
     path = tmp_path / "c.yaml"

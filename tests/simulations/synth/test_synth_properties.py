@@ -237,3 +237,39 @@ def test_synth_volume_sequences_have_the_expected_tumour_contrast(tmp_path: Path
     assert means["dwi"][0] > 2 * means["dwi"][1]  # restricted diffusion: tumour bright on DWI
     assert means["adc"][0] < 1200  # and dark on ADC (1e-6 mm^2/s)
     assert means["ce_t1w"][0] > means["ce_t1w"][1]  # enhancing
+
+
+def test_fov_mm_writes_clinical_sizes_of_the_same_scene() -> None:
+    """``fov_mm``: more voxels over the same field of view image the same anatomy (finer spacing)."""
+    spec = SiteSpec(name="s", patients=4, scanner="siemens_like")
+    prof = SCANNER_PROFILES["siemens_like"]
+    coarse = SynthConfig(sites=[spec], shape=(48, 48, 8))  # default field of view: 33.6 x 33.6 x 32 mm
+    fine = SynthConfig(sites=[spec], shape=(96, 96, 8), fov_mm=(33.6, 33.6, 32.0))
+    vols = [render_patient(c, spec, 7, 0, sequences=("t2w",), timepoints=("pre",)).volumes[("pre", "t2w")]
+            for c in (coarse, fine)]
+    a, b = (v.image_sitk() for v in vols)
+    assert a.GetSpacing() == pytest.approx((prof.inplane_mm, prof.inplane_mm, prof.slice_mm))  # default: unscaled
+    assert b.GetSize() == (96, 96, 8)
+    assert b.GetSpacing() == pytest.approx((prof.inplane_mm / 2, prof.inplane_mm / 2, prof.slice_mm))
+    # the same tumour in millimetres: volume within 15 %, centroid within one coarse voxel
+    mm3 = [float(v.mask.sum()) * float(np.prod(img.GetSpacing())) for v, img in zip(vols, (a, b), strict=True)]
+    assert mm3[1] == pytest.approx(mm3[0], rel=0.15)
+    cents = []
+    for v, img in zip(vols, (a, b), strict=True):
+        idx = np.argwhere(v.mask).mean(0)[::-1]  # (x, y, z) continuous index
+        cents.append(np.asarray(img.TransformContinuousIndexToPhysicalPoint([float(i) for i in idx])))
+    assert np.linalg.norm(cents[0] - cents[1]) < prof.inplane_mm * 1.5
+    # a clinical series: 512 x 512 over 220 mm is 0.43 mm in plane on this profile
+    clinical = SynthConfig(sites=[spec], shape=(512, 512, 30), fov_mm=(220.0, 220.0, 120.0))
+    from simulations.synth_render import spacing_scale
+
+    assert prof.inplane_mm * spacing_scale(clinical.shape, clinical.fov_mm)[0] == pytest.approx(0.43, abs=0.005)
+
+
+def test_fov_mm_is_validated_and_absent_from_old_cohort_parameters() -> None:
+    from simulations.synth import _params
+
+    with pytest.raises(ValueError, match="fov_mm"):
+        SynthConfig(fov_mm=(0.0, 220.0, 120.0))
+    assert "fov_mm" not in _params(SynthConfig(), 0)["synth"]  # cohorts made before the option stay reusable
+    assert _params(SynthConfig(fov_mm=(220, 220, 120)), 0)["synth"]["fov_mm"] == [220.0, 220.0, 120.0]
