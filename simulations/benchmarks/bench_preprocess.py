@@ -1,29 +1,37 @@
-"""Benchmark: preprocessing throughput with shrunken-N4 vs a naive full-resolution N4, and the quality cost.
+"""Benchmark: preprocessing throughput with the configured N4 fit vs a naive full-resolution N4, and the quality cost.
 
 Run::
 
-    python -m simulations.benchmarks.bench_preprocess --patients 20 --workers 2
+    python -m simulations.benchmarks.bench_preprocess --patients 20 --workers 2          # demo size
+    python -m simulations.benchmarks.bench_preprocess --shape 512 512 30 --fov-mm 220 220 120 \
+        --n4-fit-spacing 7 --patients 4 --workers 1 --reference-volumes 2                  # clinical size
 
 What it does
 ------------
 1. **Cases.** ``--site-dir`` takes an existing site folder. Otherwise ``--generator auto`` (default)
    uses :func:`simulations.synth.generate_cohort` when that module exists, with the ``synth``
    section of ``--config`` (default ``configs/demo.yaml``) restricted to one site (``--site``,
-   default the first) with ``--patients`` patients; ``--generator phantom`` (or ``auto`` without
-   ``simulations.synth``) writes a self-contained piecewise-homogeneous phantom site with a known
-   smooth bias field per volume (:func:`make_phantom_site`).
-2. **Throughput.** :func:`client.preprocess.preprocess_site` runs twice on the same cases, each into a
-   fresh cache with ``--workers`` processes: the configured pipeline (N4 fitted on the image shrunk
-   by ``preprocess.n4.shrink_factor``) and the naive baseline (the same pipeline with
-   ``shrink_factor = 1``: N4 fitted at full resolution). Wall time includes process start-up, I/O
-   and the cache writes; patients/s and volumes/s are computed from it.
-3. **Quality** (per volume, in ``--workers`` processes): :func:`client.preprocess.n4_correct`
-   (shrunken) vs :func:`client.preprocess.n4_correct_full_resolution` on the raw image: Pearson r
-   between the two corrected volumes over the Otsu foreground; the residual bias CoV
-   ``std/mean(B_est / B_true)`` over the foreground when the true field is known (synthetic and
-   phantom cases; 0 = perfect up to scale); and, for the phantom, the CoV inside a homogeneous
-   tissue region before and after each correction. Also the agreement of the two caches (same
-   slice index, mean absolute grey-level difference of the cached slices).
+   default the first) with ``--patients`` patients, ``--shape`` voxels over ``--fov-mm`` (a clinical
+   rectal T2W: 512 x 512 x 30 over 220 x 220 x 120 mm, 0.43 mm in plane); ``--generator phantom`` (or
+   ``auto`` without ``simulations.synth``) writes a self-contained piecewise-homogeneous phantom site
+   with a known smooth bias field per volume (:func:`make_phantom_site`).
+2. **Throughput.** :func:`client.preprocess.preprocess_site` runs the configured pipeline (with the
+   ``--n4-*`` overrides) on every case into a fresh cache with ``--workers`` processes (each with
+   ``cores // workers`` ITK threads; ``--workers 1 --threads 1`` is "one core"). Wall time includes
+   process start-up, I/O and the cache writes; patients/s, volumes/s and the mean compute seconds per
+   volume (the manifest's ``seconds``) come from it. The naive baseline (the same pipeline with the
+   N4 fit at full resolution) runs on every case too when ``--naive-pipeline on`` (default ``auto``:
+   only when a volume has at most 1 M voxels; at 512 x 512 x 30 a full-resolution fit takes minutes).
+3. **Quality** against the full-resolution fit (per volume, ``--reference-volumes`` of them spread
+   over the sequences, in ``--workers`` processes): the configured fit
+   (:func:`client.preprocess.n4_correct`) vs :func:`client.preprocess.n4_correct_full_resolution`
+   on the raw image: Pearson r between the two corrected volumes over the Otsu foreground; the
+   residual bias CoV ``std/mean(B_est / B_true)`` over the foreground when the true field is known
+   (synthetic and phantom cases; 0 = perfect up to scale); for the phantom, the CoV inside a
+   homogeneous tissue region before and after each correction; and the rest of the pipeline
+   (normalise, largest-tumour slice, crop, discretise) run on both corrected volumes with the
+   volume's tumour mask: same slice index, and the mean absolute grey-level difference of the two
+   cached slices.
 
 ``--json PATH`` also writes every figure as JSON.
 """
@@ -45,14 +53,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import SimpleITK as sitk
 
 from client.preprocess import (
+    denoise,
+    extract_slice,
     foreground_mask,
     load_slice,
     n4_correct,
     n4_correct_full_resolution,
+    n4_shrink_factors,
+    normalise,
     preprocess_site,
+    resample_mask,
+    resample_to_spacing,
 )
 from shared.config import RectalFLConfig, load_config
 
@@ -197,24 +212,44 @@ def _cov(values: np.ndarray) -> float:
     return float(v.std() / v.mean()) if v.size and v.mean() else float("nan")
 
 
-def quality_one(image_path: str, truth: dict[str, sitk.Image] | None, shrink_factor: int, iterations: list[int],
-                convergence_threshold: float) -> dict[str, Any]:
-    """Shrunken vs full-resolution N4 on one raw volume (see module docstring)."""
+def quality_one(image_path: str, truth: dict[str, sitk.Image] | None, n4: dict[str, Any],
+                slice_check: tuple[Any, RectalFLConfig, str] | None = None) -> dict[str, Any]:
+    """The configured N4 fit vs the full-resolution fit on one raw volume (see module docstring).
+
+    ``n4`` holds :func:`client.preprocess.n4_correct`'s keywords (shrink_factor, fit_spacing_mm,
+    iterations, convergence_threshold); ``slice_check`` is ``(record, cfg, site_dir)`` to run the
+    rest of the pipeline on both corrected volumes with the volume's tumour mask.
+    """
     from shared.cohort import read_image
 
     img = sitk.Cast(read_image(image_path), sitk.sitkFloat32)
     fg = foreground_mask(img)
     t0 = time.perf_counter()
-    c_s, b_s = n4_correct(img, shrink_factor=shrink_factor, iterations=iterations,
-                          convergence_threshold=convergence_threshold, mask=fg)
+    c_s, b_s = n4_correct(img, mask=fg, **n4)
     t1 = time.perf_counter()
-    c_f, b_f = n4_correct_full_resolution(img, iterations=iterations, convergence_threshold=convergence_threshold,
-                                          mask=fg)
+    c_f, b_f = n4_correct_full_resolution(img, iterations=n4["iterations"],
+                                          convergence_threshold=n4["convergence_threshold"], mask=fg)
     t2 = time.perf_counter()
     m = sitk.GetArrayViewFromImage(fg) > 0
     a, f = sitk.GetArrayFromImage(c_s)[m], sitk.GetArrayFromImage(c_f)[m]
     out: dict[str, Any] = {"r": float(np.corrcoef(a, f)[0, 1]), "fit_s_shrunk": t1 - t0, "fit_s_full": t2 - t1,
                            "voxels": int(np.prod(img.GetSize()))}
+    if slice_check is not None:
+        from client.preprocess import _load_mask_for
+
+        record, cfg, site_dir = slice_check
+        pp = cfg.preprocess
+        mask, _, _ = _load_mask_for(img, record, cfg, Path(site_dir), min_overlap=0.5, direction_tolerance=0.05)
+        res = []
+        for c in (c_s, c_f):  # the rest of client.preprocess.preprocess_volume, on each corrected volume
+            c = denoise(c, pp.denoise.method, iterations=pp.denoise.iterations, time_step=pp.denoise.time_step)
+            mk = mask
+            if pp.spacing_mm is not None:
+                c = resample_to_spacing(c, pp.spacing_mm)
+                mk = resample_mask(mask, c)
+            res.append(extract_slice(normalise(c, pp.clip_percentiles), mk, pp))
+        out["same_slice"] = float(res[0].slice_index == res[1].slice_index)
+        out["grey_diff"] = float(np.abs(res[0].image.astype(float) - res[1].image.astype(float)).mean())
     if truth and "bias" in truth:
         true_b = sitk.GetArrayFromImage(truth["bias"]).astype(np.float64)[m]
         out["resid_before"] = _cov(true_b)
@@ -236,10 +271,9 @@ def quality_one(image_path: str, truth: dict[str, sitk.Image] | None, shrink_fac
 # --------------------------------------------------------------------------- main
 
 
-def _variant(cfg: RectalFLConfig, shrink_factor: int) -> RectalFLConfig:
+def _with_n4(cfg: RectalFLConfig, **n4: Any) -> RectalFLConfig:
     data = cfg.model_dump(mode="json")
-    data["preprocess"]["n4"]["shrink_factor"] = shrink_factor
-    data["preprocess"]["n4"]["enabled"] = True
+    data["preprocess"]["n4"].update(n4, enabled=True)
     return RectalFLConfig.model_validate(data)
 
 
@@ -248,33 +282,110 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _pick(records: list[Any], n: int) -> list[Any]:
+    """``n`` records spread evenly within each sequence (every sequence represented); n <= 0: all."""
+    if n <= 0 or n >= len(records):
+        return list(records)
+    seqs = list(dict.fromkeys(r.sequence for r in records))
+    per = -(-n // len(seqs))
+    todo = []
+    for seq in seqs:
+        group = [r for r in records if r.sequence == seq]
+        idx = np.linspace(0, len(group) - 1, min(per, len(group))).round().astype(int)
+        todo += [group[i] for i in sorted(set(idx.tolist()))]
+    return todo
+
+
+def _progress(text: str, milestone: bool) -> None:
+    """One status line: rewritten in place on a terminal; in a log, only the milestones, one per line."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"\r  {text}\033[K")
+    elif milestone:
+        sys.stderr.write(f"  {text}\n")
+    sys.stderr.flush()
+
+
+def _run_pipeline(site_dir: Path, cache: Path, cfg: RectalFLConfig, workers: int, n_pat: int,
+                  label: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    shutil.rmtree(cache, ignore_errors=True)
+    total = [0]
+
+    def progress(done: int, n: int, what: str) -> None:
+        total[0] = n
+        _progress(f"{label}: {done}/{n} volumes ({what})", done == n or done % max(1, n // 10) == 0)
+
+    t = time.perf_counter()
+    man = preprocess_site(site_dir, cache, cfg, workers=workers, force=True, progress=progress)
+    wall = time.perf_counter() - t
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    st = man["status"].value_counts().to_dict()
+    ok = man["status"] == "ok"
+    return man, {"wall_s": wall, "patients_per_s": n_pat / wall, "volumes_per_s": len(man) / wall,
+                 "mean_volume_s": float(man.loc[ok, "seconds"].mean()) if ok.any() else float("nan"),
+                 "max_volume_s": float(man.loc[ok, "seconds"].max()) if ok.any() else float("nan"),
+                 "status": {k: int(v) for k, v in st.items()}}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m simulations.benchmarks.bench_preprocess", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=20)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ITK threads with --workers 1 (default: all cores; with more workers each gets cores // workers); "
+                         "--workers 1 --threads 1 = one core. The reference fits always use every core")
     ap.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     ap.add_argument("--site-dir", type=Path, default=None, help="use this site folder instead of generating cases")
     ap.add_argument("--generator", choices=("auto", "synth", "phantom"), default="auto")
     ap.add_argument("--site", default=None, help="synth: which site of the config's synth section (default first)")
     ap.add_argument("--shape", type=int, nargs=3, default=None, metavar=("X", "Y", "Z"),
                     help="volume size in voxels (default: the config's synth.shape)")
+    ap.add_argument("--fov-mm", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="synth: field of view in mm (default: the config's synth.fov_mm; clinical: 220 220 120)")
+    ap.add_argument("--n4-fit-spacing", type=float, default=None, metavar="MM",
+                    help="override preprocess.n4.fit_spacing_mm (0: use the shrink factor)")
+    ap.add_argument("--n4-shrink", type=int, default=None,
+                    help="override preprocess.n4.shrink_factor (and fit with it, unless --n4-fit-spacing is given)")
+    ap.add_argument("--n4-iterations", type=int, nargs="+", default=None, help="override preprocess.n4.iterations")
+    ap.add_argument("--n4-convergence", type=float, default=None,
+                    help="override preprocess.n4.convergence_threshold")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quality-volumes", type=int, default=24,
-                    help="volumes in the quality pass, spread evenly over the cases (0 = all; each costs one "
-                         "shrunken and one full-resolution fit)")
+    ap.add_argument("--naive-pipeline", choices=("auto", "on", "off"), default="auto",
+                    help="also run the whole pipeline with a full-resolution N4 fit on every case (auto: when a "
+                         "volume has at most 1 M voxels)")
+    ap.add_argument("--reference-volumes", "--quality-volumes", dest="reference_volumes", type=int, default=24,
+                    help="volumes compared with a full-resolution N4 fit, spread evenly over the sequences "
+                         "(0 = all; each costs one configured and one full-resolution fit)")
     ap.add_argument("--work-dir", type=Path, default=None, help="keep cases and caches here (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     cfg = load_config(args.config)
+    synth_over: dict[str, Any] = {}
     if args.shape:
+        synth_over["shape"] = args.shape
+    if args.fov_mm:
+        synth_over["fov_mm"] = args.fov_mm
+    if synth_over:
         cfg = RectalFLConfig.model_validate({**cfg.model_dump(mode="json"),
-                                             "synth": {**cfg.synth.model_dump(mode="json"), "shape": args.shape}})
+                                             "synth": {**cfg.synth.model_dump(mode="json"), **synth_over}})
+    n4_over: dict[str, Any] = {}
+    if args.n4_fit_spacing is not None:
+        n4_over["fit_spacing_mm"] = args.n4_fit_spacing or None
+    if args.n4_shrink is not None:
+        n4_over["shrink_factor"] = args.n4_shrink
+        n4_over.setdefault("fit_spacing_mm", None)
+    if args.n4_iterations:
+        n4_over["iterations"] = args.n4_iterations
+    if args.n4_convergence is not None:
+        n4_over["convergence_threshold"] = args.n4_convergence
+    cfg = _with_n4(cfg, **n4_over)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_preprocess_"))
     work.mkdir(parents=True, exist_ok=True)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = args.threads or max(1, cpus // max(1, args.workers))
     truth_fn: TruthFn | None = None
     t0 = time.perf_counter()
     if args.site_dir:
@@ -290,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 use_synth = False
         if use_synth:
             site_dir, truth_fn, name = make_synth_site(work / "cohort", cfg, args.patients, args.site, args.seed,
-                                                       args.workers)
+                                                       max(args.workers, cpus))
             source = f"simulations.synth cohort, site {name}, shape {tuple(cfg.synth.shape)}"
         else:
             site_dir, truth_fn = make_phantom_site(work / "phantom", args.patients, list(cfg.data.sequences),
@@ -298,76 +409,83 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             source = f"built-in phantom, shape {tuple(cfg.synth.shape)}"
     gen_s = time.perf_counter() - t0
 
-    from shared.cohort import iter_volumes
+    from shared.cohort import iter_volumes, read_image
 
     records = iter_volumes(site_dir, cfg)
     n_pat = len({r.patient_id for r in records})
+    n4 = cfg.preprocess.n4
+    grids = {}
+    for r in records:  # the fit grid of each sequence (its first volume)
+        if r.sequence not in grids:
+            im = read_image(Path(r.image_path))
+            f = n4_shrink_factors(im, n4.shrink_factor, fit_spacing_mm=n4.fit_spacing_mm)
+            grids[r.sequence] = {"size": list(im.GetSize()), "spacing": [round(v, 3) for v in im.GetSpacing()],
+                                 "fit_grid": [n // k for n, k in zip(im.GetSize(), f, strict=True)]}
+    max_vox = max((int(np.prod(g["size"])) for g in grids.values()), default=0)
+    fit = f"fit grid ~{n4.fit_spacing_mm:g} mm" if n4.fit_spacing_mm else f"shrink factor {n4.shrink_factor}"
     print(f"cases: {source}: {n_pat} patients, {len(records)} volumes "
           f"({', '.join(cfg.data.sequences)} x {', '.join(cfg.data.timepoints)}); made in {gen_s:.1f} s")
+    for seq, g in grids.items():
+        print(f"  {seq}: {'x'.join(map(str, g['size']))} voxels at {'x'.join(f'{v:g}' for v in g['spacing'])} mm; "
+              f"N4 fit on {'x'.join(map(str, g['fit_grid']))}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"machine: {cpus} CPU core(s) available, load average {load:.2f} before the runs; workers={args.workers}; "
-          f"N4 iterations {cfg.preprocess.n4.iterations}, convergence {cfg.preprocess.n4.convergence_threshold}")
+    print(f"machine: {cpus} CPU core(s), load average {load:.2f} before the runs; workers={args.workers} x "
+          f"{threads} thread(s); N4 {fit}, iterations {n4.iterations}, convergence {n4.convergence_threshold}")
 
     results: dict[str, Any] = {"source": source, "patients": n_pat, "volumes": len(records), "cpus": cpus,
-                               "load_before": load,
-                               "workers": args.workers, "config": str(args.config),
-                               "n4_iterations": list(cfg.preprocess.n4.iterations)}
-    shrink = cfg.preprocess.n4.shrink_factor
-    runs = {}
-    for label, sf in (("shrunken", shrink), ("full_res", 1)):
-        cache = work / f"cache_{label}"
-        shutil.rmtree(cache, ignore_errors=True)
-        c = _variant(cfg, sf)
-        t = time.perf_counter()
-        man = preprocess_site(site_dir, cache, c, workers=args.workers, force=True)
-        wall = time.perf_counter() - t
-        runs[label] = (man, cache)
-        st = man["status"].value_counts().to_dict()
-        results[label] = {"shrink_factor": sf, "wall_s": wall, "patients_per_s": n_pat / wall,
-                          "volumes_per_s": len(man) / wall, "mean_volume_s": float(man["seconds"].mean()),
-                          "status": {k: int(v) for k, v in st.items()}}
-    a, b = runs["shrunken"][0], runs["full_res"][0]
-    both = (a["status"] == "ok") & (b["status"] == "ok")
-    same_slice = float((a.loc[both, "slice_index"] == b.loc[both, "slice_index"]).mean()) if both.any() else float("nan")
-    diffs = []
-    for r in a[both].itertuples():
-        ia, _ = load_slice(runs["shrunken"][1], r.patient_id, r.timepoint, r.sequence)
-        ib, _ = load_slice(runs["full_res"][1], r.patient_id, r.timepoint, r.sequence)
-        diffs.append(float(np.abs(ia.astype(float) - ib.astype(float)).mean()))
-    results["cache_agreement"] = {"same_slice_index": same_slice, "mean_abs_grey_diff": float(np.mean(diffs))
-                                  if diffs else float("nan")}
+                               "load_before": load, "workers": args.workers, "threads": threads,
+                               "config": str(args.config), "grids": grids,
+                               "n4": n4.model_dump(mode="json")}
+    if args.workers == 1:  # preprocess_site runs in this process; more workers get cores // workers threads each
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    runs: dict[str, tuple[pd.DataFrame, Path]] = {}
+    man, results["configured"] = _run_pipeline(site_dir, work / "cache_configured", cfg, args.workers, n_pat,
+                                               "configured")
+    runs["configured"] = (man, work / "cache_configured")
+    naive = args.naive_pipeline == "on" or (args.naive_pipeline == "auto" and max_vox <= 1_000_000)
+    if naive:
+        c = _with_n4(cfg, shrink_factor=1, fit_spacing_mm=None)
+        man, results["full_res"] = _run_pipeline(site_dir, work / "cache_full", c, args.workers, n_pat,
+                                                 "full-resolution N4")
+        runs["full_res"] = (man, work / "cache_full")
+        a, b = runs["configured"][0], runs["full_res"][0]
+        both = (a["status"] == "ok") & (b["status"] == "ok")
+        diffs = []
+        for r in a[both].itertuples():
+            ia, _ = load_slice(runs["configured"][1], r.patient_id, r.timepoint, r.sequence)
+            ib, _ = load_slice(runs["full_res"][1], r.patient_id, r.timepoint, r.sequence)
+            diffs.append(float(np.abs(ia.astype(float) - ib.astype(float)).mean()))
+        same = float((a.loc[both, "slice_index"] == b.loc[both, "slice_index"]).mean()) if both.any() else np.nan
+        results["cache_agreement"] = {"same_slice_index": same,
+                                      "mean_abs_grey_diff": float(np.mean(diffs)) if diffs else float("nan")}
+    else:
+        print(f"naive full-resolution pipeline skipped ({max_vox / 1e6:.1f} M voxels per volume; "
+              "--naive-pipeline on runs it); the reference fits below time it")
 
-    # quality pass
-    if args.quality_volumes <= 0 or args.quality_volumes >= len(records):
-        todo = list(records)
-    else:  # evenly spread within each sequence, so every sequence is represented
-        seqs = list(dict.fromkeys(r.sequence for r in records))
-        per = -(-args.quality_volumes // len(seqs))
-        todo = []
-        for seq in seqs:
-            group = [r for r in records if r.sequence == seq]
-            idx = np.linspace(0, len(group) - 1, min(per, len(group))).round().astype(int)
-            todo += [group[i] for i in sorted(set(idx.tolist()))]
-    n4 = cfg.preprocess.n4
+    # quality pass: the configured fit vs a full-resolution fit, with the rest of the pipeline on both
+    todo = _pick(records, args.reference_volumes)
+    n4_kw = {"shrink_factor": n4.shrink_factor, "fit_spacing_mm": n4.fit_spacing_mm,
+             "iterations": list(n4.iterations), "convergence_threshold": n4.convergence_threshold}
     t = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    threads = max(1, cpus // max(1, args.workers))
     q_rows: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads,)) as ex:
+    q_workers = max(1, min(args.workers, len(todo)))
+    with ProcessPoolExecutor(max_workers=q_workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(max(1, cpus // q_workers),)) as ex:  # the reference fits use every core
         futs = []
         for r in todo:
             truth = truth_fn(r.patient_id, r.timepoint, r.sequence) if truth_fn else None
-            futs.append((r, ex.submit(quality_one, str(r.image_path), truth, shrink, list(n4.iterations),
-                                      n4.convergence_threshold)))
-        for r, f in futs:
+            futs.append((r, ex.submit(quality_one, str(r.image_path), truth, n4_kw, (r, cfg, str(site_dir)))))
+        for i, (r, f) in enumerate(futs, 1):
             try:
                 q_rows.append({"sequence": r.sequence, **f.result()})
             except Exception as exc:  # a bad volume is reported, not fatal
                 logger.warning("quality pass: %s: %s", r.image_path, exc)
+            _progress(f"reference fits: {i}/{len(futs)} volumes ({time.perf_counter() - t:.0f} s)", True)
     results["quality"] = {
         "volumes": len(q_rows), "seconds": time.perf_counter() - t,
         "pearson_r_mean": _mean(q_rows, "r"), "pearson_r_min": float(min((q["r"] for q in q_rows), default=np.nan)),
+        "same_slice": _mean(q_rows, "same_slice"), "grey_diff": _mean(q_rows, "grey_diff"),
         "fit_s_shrunk_mean": _mean(q_rows, "fit_s_shrunk"), "fit_s_full_mean": _mean(q_rows, "fit_s_full"),
         "resid_bias_cov_before": _mean(q_rows, "resid_before"), "resid_bias_cov_shrunk": _mean(q_rows, "resid_shrunk"),
         "resid_bias_cov_full": _mean(q_rows, "resid_full"), "tissue_cov_before": _mean(q_rows, "cov_before"),
@@ -377,6 +495,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "fit_s_full": _mean([q for q in q_rows if q["sequence"] == s], "fit_s_full")}
                         for s in sorted({q["sequence"] for q in q_rows})},
     }
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
     results["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     _report(results)
     if args.json:
@@ -387,35 +507,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _report(res: dict[str, Any]) -> None:
-    s, f = res["shrunken"], res["full_res"]
-    q, ag = res["quality"], res["cache_agreement"]
+    s, f = res["configured"], res.get("full_res")
+    q = res["quality"]
+    n4 = res["n4"]
+    fit = f"fit grid ~{n4['fit_spacing_mm']:g} mm" if n4["fit_spacing_mm"] else f"shrink_factor={n4['shrink_factor']}"
     lines = [
         "",
         f"preprocess_site throughput ({res['patients']} patients, {res['volumes']} volumes, workers={res['workers']}, "
         f"{res['cpus']} cores)",
-        f"  {'pipeline':<34}{'wall s':>9}{'patients/s':>12}{'volumes/s':>11}{'s/volume':>10}  status",
-        f"  {'N4 shrunken (shrink_factor=' + str(s['shrink_factor']) + ')':<34}{s['wall_s']:>9.1f}"
-        f"{s['patients_per_s']:>12.3f}{s['volumes_per_s']:>11.3f}{s['mean_volume_s']:>10.2f}  {s['status']}",
-        f"  {'N4 full resolution (naive)':<34}{f['wall_s']:>9.1f}{f['patients_per_s']:>12.3f}"
-        f"{f['volumes_per_s']:>11.3f}{f['mean_volume_s']:>10.2f}  {f['status']}",
-        f"  speed-up: x{f['wall_s'] / s['wall_s']:.2f} (wall)",
-        f"  caches agree: same slice index for {ag['same_slice_index']:.1%} of volumes; mean |grey-level difference| "
-        f"of the cached slices {ag['mean_abs_grey_diff']:.2f} (0-255 scale)",
+        f"  {'pipeline':<34}{'wall s':>9}{'patients/s':>12}{'volumes/s':>11}{'s/volume':>10}{'max':>7}  status",
+        f"  {'N4 ' + fit:<34}{s['wall_s']:>9.1f}{s['patients_per_s']:>12.3f}{s['volumes_per_s']:>11.3f}"
+        f"{s['mean_volume_s']:>10.2f}{s['max_volume_s']:>7.2f}  {s['status']}",
+    ]
+    if f is not None:
+        ag = res["cache_agreement"]
+        lines += [
+            f"  {'N4 full resolution (naive)':<34}{f['wall_s']:>9.1f}{f['patients_per_s']:>12.3f}"
+            f"{f['volumes_per_s']:>11.3f}{f['mean_volume_s']:>10.2f}{f['max_volume_s']:>7.2f}  {f['status']}",
+            f"  speed-up: x{f['wall_s'] / s['wall_s']:.2f} (wall)",
+            f"  caches agree: same slice index for {ag['same_slice_index']:.1%} of volumes; mean |grey-level "
+            f"difference| of the cached slices {ag['mean_abs_grey_diff']:.2f} (0-255 scale)",
+        ]
+    lines += [
         "",
-        f"N4 quality, shrunken vs full-resolution fit ({q['volumes']} volumes, {q['seconds']:.1f} s)",
+        f"N4 quality, configured vs full-resolution fit ({q['volumes']} volumes, {q['seconds']:.1f} s)",
         f"  Pearson r of the corrected volumes (foreground): mean {q['pearson_r_mean']:.5f}, min {q['pearson_r_min']:.5f}",
-        f"  fit time per volume: shrunken {q['fit_s_shrunk_mean']:.2f} s, full {q['fit_s_full_mean']:.2f} s",
+        f"  whole pipeline on both: same largest-tumour slice for {q['same_slice']:.0%} of volumes, mean |grey-level "
+        f"difference| of the cached slices {q['grey_diff']:.2f} (0-255 scale)",
+        f"  fit time per volume: configured {q['fit_s_shrunk_mean']:.2f} s, full resolution {q['fit_s_full_mean']:.2f} s",
     ]
     if np.isfinite(q["resid_bias_cov_shrunk"]):
         lines.append(f"  residual bias CoV (B_est/B_true, foreground): before {q['resid_bias_cov_before']:.4f}, "
-                     f"shrunken {q['resid_bias_cov_shrunk']:.4f}, full {q['resid_bias_cov_full']:.4f}")
+                     f"configured {q['resid_bias_cov_shrunk']:.4f}, full {q['resid_bias_cov_full']:.4f}")
     if np.isfinite(q["tissue_cov_shrunk"]):
         lines.append(f"  CoV in a homogeneous tissue region: before {q['tissue_cov_before']:.4f}, "
-                     f"shrunken {q['tissue_cov_shrunk']:.4f}, full {q['tissue_cov_full']:.4f}")
+                     f"configured {q['tissue_cov_shrunk']:.4f}, full {q['tissue_cov_full']:.4f}")
     else:
         lines.append("  CoV in a tissue region: n/a (no tissue labels for these cases)")
     for seq, v in q["by_sequence"].items():
-        lines.append(f"  {seq:<7} r {v['r']:.5f}  fit s: shrunken {v['fit_s_shrunk']:.2f}, full {v['fit_s_full']:.2f}")
+        lines.append(f"  {seq:<7} r {v['r']:.5f}  fit s: configured {v['fit_s_shrunk']:.2f}, full {v['fit_s_full']:.2f}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

@@ -166,3 +166,17 @@ def test_discretise_uses_lower_bin_edges() -> None:
     assert discretise(np.array([0, 3.9, 4, 130, 255]), 64).tolist() == [0, 0, 4, 128, 252]
     with pytest.raises(ValueError):
         discretise(np.zeros(3), 1)
+
+
+def test_the_default_fit_grid_is_physical_and_a_shrink_factor_alone_keeps_the_fixed_factor() -> None:
+    from shared.config import N4Config, RectalFLConfig
+
+    default = N4Config()
+    assert default.fit_spacing_mm == 7.0 and default.iterations == [20, 20, 20]
+    legacy = N4Config.model_validate({"shrink_factor": 2})  # the demo's kind of config: the factor it names
+    assert legacy.fit_spacing_mm is None and legacy.shrink_factor == 2
+    both = N4Config.model_validate({"shrink_factor": 2, "fit_spacing_mm": 5})
+    assert both.fit_spacing_mm == 5.0
+    for n4 in (default, legacy, both):  # a dumped config (every key present) reloads to the same settings
+        cfg = RectalFLConfig.model_validate({"preprocess": {"n4": n4.model_dump(mode="json")}})
+        assert cfg.preprocess.n4 == n4
