@@ -267,7 +267,7 @@ def run_fusion_analysis(orch: Any, cfg: RectalFLConfig, run_dir: Path, store: An
         logger.warning("server.report is not available; tables are in %s/tables", run_dir)
         return
     with store.stage(run_id, "report"):
-        path = build_report(run_dir)
+        path = build_report(run_dir, status="completed")  # the last stage: the run ends right after it
         store.add_artefact(run_id, "report", path, run_dir)
         logger.info("report: %s", path)
 

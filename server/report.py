@@ -863,7 +863,8 @@ def _check(run_dir: Path) -> None:
                           f"--resume {run_dir}` on a deployment)")
 
 
-def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = None) -> Path:
+def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = None,
+                 status: str | None = None) -> Path:
     """Render the figures and ``run_dir/report.html``; returns the HTML path.
 
     Parameters
@@ -872,6 +873,9 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
     warn : callable, optional
         Called with one line per optional input that is missing or unreadable (default: a log
         warning); the report shows "not available" in its place.
+    status : str, optional
+        The run's status to print instead of the run record's: the pipeline writes the report as its
+        last stage, while the record still says ``running``, and passes ``"completed"``.
 
     Raises
     ------
@@ -891,6 +895,8 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
         raise ReportError(f"{run_dir / REQUIRED} lacks the model, cohort or auc column; re-run {MAKER}")
     figs, fig_why = _render(run_dir, inp)
     meta = _meta(run_dir, inp)
+    if status is not None:
+        meta["status"] = status
     t = inp.get
     models = _models(inp)
     shown = drawn_models(models)

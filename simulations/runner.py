@@ -735,7 +735,7 @@ def _write_reports(store: Any, run_id: str, run_dir: Path, local_groups: list[st
         if local_groups:
             _merge_local_outputs(run_dir, local_groups)
         try:
-            path = build_report(run_dir)
+            path = build_report(run_dir, status="completed")  # the last stage: the run ends right after it
         except ReportError as exc:  # e.g. no fusion model could be fitted on so few patients
             detail["skipped"] = str(exc)
             store.event(run_id, "report_skipped", str(exc), level="warning")

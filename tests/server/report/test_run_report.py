@@ -266,3 +266,20 @@ def test_not_a_run_directory(tmp_path):
         build_report(tmp_path)
     with pytest.raises(ReportError, match="no such directory"):
         build_report(tmp_path / "nowhere")
+
+
+def test_a_report_written_as_the_last_stage_says_completed_not_running(run_copy):
+    """The pipeline writes the report while the run record still says running (the run ends right after)."""
+    from server.store import RunStore
+
+    with RunStore.open_run_dir(run_copy) as store:
+        store.start_run("r1", "unit-report", "name: unit-report\n", "0123abcd4567ef89", "federated", "fedavg", 1,
+                        "simulation")
+
+    def status_cell(path: Path) -> str:
+        m = re.search(r"<th>Status</th>\s*<td>([^<]*)</td>", path.read_text(encoding="utf-8"))
+        assert m, "no Status row in the header"
+        return m.group(1)
+
+    assert status_cell(build_report(run_copy)) == "running"  # what the record says
+    assert status_cell(build_report(run_copy, status="completed")) == "completed"
