@@ -1,7 +1,8 @@
 """The server's stages, run against a Flower ``Grid``: discover -> train -> signatures.
 
 The ServerApp (``server.server_app``) only builds an :class:`Orchestrator` and calls ``run()``.
-Aggregation is Flower's own strategies (FedAvg, FedProx, FedAdam from ``flwr.serverapp.strategy``);
+Aggregation is Flower's own strategies (FedAvg, FedProx, FedAdam, FedAvgM from ``flwr.serverapp.strategy``;
+the server optimisers leave normalisation buffers to a plain average);
 this module chooses which nodes get which message (external sites never receive a training
 message), checkpoints every round, records everything in the run record, and survives sites that
 fail a round as long as ``federation.min_sites`` replied.
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from shared.config import RectalFLConfig
 from shared.records import (
@@ -158,6 +159,44 @@ class _ProgressGrid:
         return getattr(self._grid, name)
 
 
+def is_norm_buffer(key: str) -> bool:
+    """A normalisation layer's running statistics (``.../running_mean``, ``.../running_var``)."""
+    return key.endswith(("running_mean", "running_var"))
+
+
+class _BuffersAveraged:
+    """Mixin for server optimisers (FedAdam, FedAvgM): normalisation buffers are not weights.
+
+    A running mean or variance is an estimate of the sites' feature statistics, not a parameter
+    that a gradient moves: Adam-stepping it moves a variance by about ``eta`` per round whatever the
+    data says, and server momentum overshoots it. The optimiser steps the weights; every buffer of
+    the new model is the plain ``num-examples``-weighted mean of the sites' buffers (FedAvg's).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, Any]:
+        from flwr.app import Array
+
+        replies = list(replies)
+        new, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if new is None:
+            return new, metrics
+        ok = [r for r in replies if not r.has_error()]
+        weights = np.array([float(r.content["metrics"][self.weighted_by_key]) for r in ok])  # type: ignore[attr-defined]
+        for key in [k for k in new.keys() if is_norm_buffer(k)]:
+            arrs = [r.content["arrays"][key].numpy().astype(np.float64) for r in ok]
+            mean = sum(w * a for w, a in zip(weights, arrs, strict=True)) / weights.sum()
+            new[key] = Array(np.asarray(mean, dtype=np.float32))
+        return new, metrics
+
+
+class FedAdamBuffersAveraged(_BuffersAveraged, FedAdam):
+    """Flower's FedAdam on the weights; normalisation buffers averaged (:class:`_BuffersAveraged`)."""
+
+
+class FedAvgMBuffersAveraged(_BuffersAveraged, FedAvgM):
+    """Flower's FedAvgM (server momentum) on the weights; normalisation buffers averaged."""
+
+
 def make_strategy(cfg: RectalFLConfig, n_train: int) -> FedAvg:
     """The configured Flower strategy, sampling every training site each round."""
     common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n_train,
@@ -168,18 +207,27 @@ def make_strategy(cfg: RectalFLConfig, n_train: int) -> FedAvg:
     if f.strategy == "fedprox":
         return FedProx(**common, proximal_mu=f.proximal_mu)
     if f.strategy == "fedadam":
-        return FedAdam(**common, eta=f.server_lr, eta_l=cfg.train.lr)
+        return FedAdamBuffersAveraged(**common, eta=f.server_lr if f.server_lr is not None else 0.01,
+                                      eta_l=cfg.train.lr, beta_1=f.server_betas[0], beta_2=f.server_betas[1],
+                                      tau=f.server_tau)
+    if f.strategy == "fedavgm":
+        return FedAvgMBuffersAveraged(**common, server_learning_rate=f.server_lr if f.server_lr is not None else 1.0,
+                                      server_momentum=f.server_momentum)
     raise ValueError(f"unknown strategy {f.strategy!r}")
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:
-    """Server-optimiser state (FedAdam moments) so a resumed run continues identically."""
+    """Server-optimiser state (FedAdam moments, FedAvgM momentum) so a resumed run continues identically."""
     out: dict[str, np.ndarray] = {}
     for attr in ("m_t", "v_t"):
         val = getattr(strategy, attr, None)
         if isinstance(val, dict):
             for k, v in val.items():
                 out[f"{attr}::{k}"] = np.asarray(v)
+    momentum, current = getattr(strategy, "momentum_vector", None), getattr(strategy, "current_arrays", None)
+    if isinstance(momentum, list) and isinstance(current, ArrayRecord):  # FedAvgM: a list in the arrays' key order
+        for k, v in zip(current.keys(), momentum, strict=True):
+            out[f"momentum::{k}"] = np.asarray(v)
     return out
 
 
@@ -188,6 +236,9 @@ def load_strategy_state(strategy: FedAvg, arrays: dict[str, np.ndarray]) -> None
         vals = {k.split("::", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{attr}::")}
         if vals:
             setattr(strategy, attr, vals)
+    momentum = [v for k, v in arrays.items() if k.startswith("momentum::")]
+    if momentum and hasattr(strategy, "momentum_vector"):
+        strategy.momentum_vector = momentum  # same key order as written (the checkpoint keeps insertion order)
 
 
 class _SumReply:

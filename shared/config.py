@@ -269,11 +269,23 @@ class TrainConfig(_Section):
 
 class FederationConfig(_Section):
     mode: Literal["federated", "pooled", "local"] = "federated"
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedavgm"] = "fedavg"
+    """fedavg; fedprox (``proximal_mu``); fedadam (server Adam: ``server_lr`` default 0.01, ``server_betas``,
+    ``server_tau``); fedavgm (server momentum: ``server_momentum``, ``server_lr`` default 1.0). The two
+    server optimisers step the weights only: normalisation buffers (BatchNorm running statistics) are
+    averaged as FedAvg does."""
     rounds: int = Field(5, ge=1, le=10000)
     min_sites: int = Field(2, ge=1)
     proximal_mu: float = Field(0.01, ge=0)
-    server_lr: float = Field(0.01, gt=0)
+    server_lr: float | None = Field(None, gt=0)
+    """Server learning rate of fedadam (default 0.01) or fedavgm (default 1.0)."""
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    """fedavgm: momentum of the server's update (Hsu et al. 2019)."""
+    server_betas: tuple[float, float] = (0.9, 0.99)
+    """fedadam: Adam's beta_1, beta_2 on the server."""
+    server_tau: float = Field(1e-3, gt=0)
+    """fedadam: the adaptivity constant added to sqrt(v) (Reddi et al. 2021 use 1e-3; larger is closer to
+    server SGD with momentum)."""
     external_sites: list[str] = Field(default_factory=list)
     """Sites that never train and only validate the final models (the synthetic cohort marks its own)."""
     round_timeout_s: float = Field(3600.0, gt=0)
@@ -286,6 +298,13 @@ class FederationConfig(_Section):
     """Model updates securely aggregated: the server reads only the weighted sum of the training sites'
     weights, never one site's (no per-site update screening, 2x upload, no dropout recovery; see
     docs/secure_aggregation.md). Needs every training site's roster and key, and at least 3 training sites."""
+
+    @field_validator("server_betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"Adam's betas are in [0, 1), got {list(v)}")
+        return v
 
 
 class PrivacyConfig(_Section):

@@ -2,17 +2,20 @@
 
 Run from the repository root (prepares the demo cohort if needed)::
 
-    python -m simulations.benchmarks.bench_federation --seeds 2
-    python -m simulations.benchmarks.bench_federation --seeds 3 --rounds 30 --out bench_fed.csv
+    python -m simulations.benchmarks.bench_federation                      # 3 seeds, every strategy
+    python -m simulations.benchmarks.bench_federation --seeds 1 --strategies fedavg fedavgm --out bench_fed.csv
 
 Prints
 (a) AUC on each training site's test split, the external site and the pooled test splits, for
-    pooled, each local-only model, FedAvg, FedProx and FedAdam, mean over seeds (``train.seed``
-    varies; cohort and splits stay fixed), averaged over all backbones and over the post-treatment
-    backbones;
+    pooled, each local-only model and each federated strategy (``--strategies``: FedAvg, FedProx,
+    FedAdam, FedAvgM), mean over seeds (``train.seed`` varies; cohort and splits stay fixed), averaged
+    over all backbones and over the post-treatment backbones;
 (b) per-round wall time of the federated runs split into the slowest site's local compute and the
     rest (Flower, Ray, serialisation, aggregation, checkpoint, run record);
-(c) bytes sent to and from each site per round.
+(c) bytes sent to and from each site per round;
+and last, for the post-treatment backbones, the best federated strategy against pooled training and
+the best single site: ``federated/pooled external AUC: <ratio>`` (the goal is >= 0.97 on the external
+site and on the pooled test split, and >= the best single site + 0.03).
 """
 
 from __future__ import annotations
@@ -59,10 +62,33 @@ def round_profile(run_dir: Path) -> pd.DataFrame:
     return df
 
 
+def _verdict(by: pd.DataFrame) -> str:
+    """The goal's figures from the post-treatment table (rows: model, columns: site incl. pooled/external)."""
+    ext = next((c for c in ("pooled (external sites)", "external") if c in by.columns), None)
+    pooled_col = "pooled (training sites)" if "pooled (training sites)" in by.columns else None
+    if ext is None or pooled_col is None or "pooled" not in by.index:
+        return "federated/pooled external AUC: n/a (no pooled row or no external/pooled column)"
+    fed = by[[not str(m).startswith(("pooled", "local")) for m in by.index]]
+    local = by[[str(m).startswith("local") for m in by.index]]
+    if fed.empty:
+        return "federated/pooled external AUC: n/a (no federated run)"
+    best = fed[ext].idxmax()
+    lines = [f"best federated strategy: {best} (external {fed.loc[best, ext]:.3f}, pooled test "
+             f"{fed.loc[best, pooled_col]:.3f}); pooled training {by.loc['pooled', ext]:.3f} / "
+             f"{by.loc['pooled', pooled_col]:.3f}"]
+    if not local.empty:
+        lines.append(f"best single site alone: {local[ext].max():.3f} external, {local[pooled_col].max():.3f} pooled test")
+    lines.append(f"federated/pooled pooled-test AUC: {fed.loc[best, pooled_col] / by.loc['pooled', pooled_col]:.3f}")
+    lines.append(f"federated/pooled external AUC: {fed.loc[best, ext] / by.loc['pooled', ext]:.3f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/demo.yaml")
-    ap.add_argument("--seeds", type=int, default=2, help="training seeds per model (1..N)")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds per model (1..N)")
+    ap.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox", "fedadam", "fedavgm"],
+                    choices=["fedavg", "fedprox", "fedadam", "fedavgm"])
     ap.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     ap.add_argument("--out", default=None, help="write the full per-backbone table to this CSV")
     args = ap.parse_args()
@@ -74,8 +100,8 @@ def main() -> None:
     tables, profiles, walls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(1, args.seeds + 1):
-            for mode, strategy in [("pooled", "fedavg"), ("local", "fedavg"), ("federated", "fedavg"),
-                                   ("federated", "fedprox"), ("federated", "fedadam")]:
+            for mode, strategy in [("pooled", "fedavg"), ("local", "fedavg"),
+                                   *(("federated", st) for st in args.strategies)]:
                 t, run_dir, secs = _one(cfg, mode, strategy, seed, Path(tmp))
                 tables.append(t)
                 walls.append({"model": t["model"].iloc[0] if mode != "local" else "local (all)", "seed": seed,
@@ -96,6 +122,9 @@ def main() -> None:
         piv = sub.pivot_table(index="model", columns="site", values="auc", aggfunc="mean")
         print(f"\n(a) mean AUC over {label} and {args.seeds} seed(s)")
         print(piv.round(3).to_string())
+    post = evald[evald["backbone"].str.startswith("post_")]
+    by = post.pivot_table(index="model", columns="site", values="auc", aggfunc="mean")
+    print(f"\n{_verdict(by)}")
     prof = pd.concat(profiles, ignore_index=True)
     print("\n(b) federated round wall time, mean per round (s)")
     print(prof.groupby("strategy")[["seconds", "slowest_client_s", "overhead_s"]].mean().round(2).to_string())

@@ -1,4 +1,4 @@
-"""Flower's strategies (FedAvg, FedProx, FedAdam) as the orchestrator configures them, on real backbone records."""
+"""Flower's strategies (FedAvg, FedProx, FedAdam, FedAvgM) as the orchestrator configures them, on real backbone records."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from shared.records import arrays_to_record
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedavgm"])
 def test_every_strategy_aggregates_real_backbone_records(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -46,7 +46,7 @@ def test_every_strategy_aggregates_real_backbone_records(strategy: str, monkeypa
     assert all(v.numpy().dtype == np.float32 for v in start.values())
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedavgm"])
 def test_the_revealed_secure_mean_aggregates_like_the_sites_own_replies(strategy: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """federation.secure_aggregation hands the strategy one reply (the weighted mean, weight N) instead of
@@ -82,3 +82,73 @@ def test_the_revealed_secure_mean_aggregates_like_the_sites_own_replies(strategy
         cur_s, _ = secure.aggregate_train(rnd, [_SumReply(arrays_to_record(mean), sum(ns), replies[0])])
         for k in cur_p:
             np.testing.assert_allclose(cur_s[k].numpy(), cur_p[k].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _buffer_round(strategy: str, monkeypatch: pytest.MonkeyPatch, **fed):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.orchestrator import _SubsetGrid, make_strategy
+    from shared.config import parse_config
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    cfg = parse_config({"federation": {"strategy": strategy, **fed}})
+    start = {"b/w": np.zeros(4, np.float32), "b/bn.running_mean": np.zeros(3, np.float32),
+             "b/bn.running_var": np.ones(3, np.float32)}
+
+    class _Grid:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    strat = make_strategy(cfg, 2)
+    cur = arrays_to_record(start)
+    history = []
+    for rnd in (1, 2, 3):
+        list(strat.configure_train(rnd, cur, ConfigRecord({}), _SubsetGrid(_Grid(), [1, 2])))
+        sites = [{"b/w": cur["b/w"].numpy() + 0.1, "b/bn.running_mean": np.full(3, m, np.float32),
+                  "b/bn.running_var": np.full(3, v, np.float32)} for m, v in ((2.0, 4.0), (6.0, 8.0))]
+        replies = [Message(RecordDict({"arrays": arrays_to_record(a), "metrics": MetricRecord({"num-examples": n})}),
+                           dst_node_id=i + 1, message_type="train") for i, (a, n) in enumerate(zip(sites, (10, 30), strict=True))]
+        cur, _ = strat.aggregate_train(rnd, replies)
+        history.append({k: v.numpy().copy() for k, v in cur.items()})
+    return strat, history
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedavgm"])
+def test_server_optimisers_step_the_weights_and_average_the_normalisation_buffers(strategy, monkeypatch) -> None:
+    """A running mean/variance is the weighted mean of the sites' (5 = (10*2 + 30*6)/40 and 7), every
+    round, while the weights take the optimiser's step (not the plain mean)."""
+    _, history = _buffer_round(strategy, monkeypatch)
+    for h in history:
+        np.testing.assert_allclose(h["b/bn.running_mean"], 5.0, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(h["b/bn.running_var"], 7.0, rtol=0, atol=1e-6)
+    w = [float(h["b/w"][0]) for h in history]
+    if strategy == "fedavgm":  # lr 1, momentum 0.9: steps of 0.1, 0.19, 0.271 (pseudo-gradients accumulate)
+        np.testing.assert_allclose(np.diff([0.0, *w]), [0.1, 0.19, 0.271], atol=1e-5)
+    else:  # Adam's first steps are about eta (0.01) whatever the update's size
+        assert all(abs(d - 0.01) < 0.005 for d in np.diff([0.0, *w]))
+
+
+def test_fedadam_settings_reach_flower_and_bad_betas_are_config_errors(monkeypatch) -> None:
+    from shared.config import ConfigError, parse_config
+
+    strat, _ = _buffer_round("fedadam", monkeypatch, server_tau=0.05, server_betas=[0.5, 0.9], server_lr=0.1)
+    assert (strat.tau, strat.beta_1, strat.beta_2, strat.eta) == (0.05, 0.5, 0.9, 0.1)
+    with pytest.raises((ConfigError, ValueError), match="betas"):
+        parse_config({"federation": {"server_betas": [0.9, 1.0]}})
+
+
+def test_fedavgm_momentum_survives_a_checkpoint(monkeypatch) -> None:
+    """strategy_state / load_strategy_state: a resumed FedAvgM continues with the same momentum."""
+    from server.orchestrator import load_strategy_state, make_strategy, strategy_state
+    from shared.config import parse_config
+
+    strat, _ = _buffer_round("fedavgm", monkeypatch)
+    state = strategy_state(strat)
+    assert {k for k in state if k.startswith("momentum::")} == {"momentum::b/w", "momentum::b/bn.running_mean",
+                                                                 "momentum::b/bn.running_var"}
+    fresh = make_strategy(parse_config({"federation": {"strategy": "fedavgm"}}), 2)
+    load_strategy_state(fresh, state)
+    for a, b in zip(fresh.momentum_vector, strat.momentum_vector, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
