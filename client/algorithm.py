@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -153,15 +154,35 @@ class SiteAlgorithm(SiteTables):
                         self.site, server_round, plan.noise_multiplier, plan.max_grad_norm, spent, after,
                         "none" if epsilon_budget is None else f"{epsilon_budget:g}")
         metrics: dict[str, float] = {}
+        local_norm = self.cfg.federation.norm_stats == "local" and self.cfg.federation.mode == "federated"
+        keep_opt = self.cfg.train.keep_optimizer_state and run_id is not None
+        if local_norm and run_id is not None:  # this site's own statistics, not the averaged ones
+            from client.site_state import apply_norm_stats, load_norm_stats
+
+            kept = load_norm_stats(self.cache_dir, run_id)
+            if kept is not None:
+                own, changed = apply_norm_stats(states, kept)
+                models = models_from_states(self.cfg, own)
+                metrics["norm-stats-local"] = float(len(changed))
         out: States = {}
         for key in self.keys:
             data = train_sets[key]
+            opt_state = None
+            if keep_opt:
+                from client.site_state import load_optimizer_state
+
+                opt_state = load_optimizer_state(self.cache_dir, run_id or "", key)
             stats = train_backbone(
                 models[key], data, self.cfg.train, epochs=epochs,
                 seed=stable_seed(training_seed(self.cfg), "fit", self.site, key, server_round), device=self.device,
                 global_state=states[key] if proximal_mu > 0 else None, proximal_mu=proximal_mu,
                 dp=plan.for_backbone(key, epochs) if plan is not None and len(data) else None,
+                max_steps=self.cfg.train.local_steps if plan is None else None, optimizer_state=opt_state,
             )
+            if keep_opt and stats.optimizer_state is not None:
+                from client.site_state import save_optimizer_state
+
+                save_optimizer_state(self.cache_dir, run_id or "", key, stats.optimizer_state)
             out[key] = OrderedDict((k, v.detach().clone()) for k, v in models[key].state_dict().items())
             if plan is None:
                 metrics[f"{key}/train-loss"] = stats.loss_last_epoch
@@ -169,7 +190,12 @@ class SiteAlgorithm(SiteTables):
                 logger.info("site %s round %d %s: DP training loss %.4f (kept on site)", self.site, server_round, key,
                             stats.loss_last_epoch)
             metrics[f"{key}/n"] = float(stats.n_examples)
+            metrics[f"{key}/steps"] = float(stats.steps)
             metrics[f"{key}/seconds"] = stats.seconds
+        if local_norm and run_id is not None:
+            from client.site_state import save_norm_stats
+
+            save_norm_stats(self.cache_dir, run_id, out)
         metrics["fit-seconds"] = float(sum(v for k, v in metrics.items() if k.endswith("/seconds")))
         if plan is None:
             losses = [v for k, v in metrics.items() if k.endswith("/train-loss") and np.isfinite(v)]
@@ -188,6 +214,24 @@ class SiteAlgorithm(SiteTables):
             res[f"{key}/{split}-n"] = float(len(data))
         return res
 
+    def _own_norm_stats(self, states: States, models: dict[str, Any], run_id: str | None) -> dict[str, Any]:
+        """``norm_stats: local``: the statistics this site kept from its own training, else (an external site,
+        or a site that never trained in this run) re-estimated on all of its images, without labels."""
+        from client.site_state import apply_norm_stats, load_norm_stats
+        from client.train import recompute_norm_stats
+
+        kept = load_norm_stats(self.cache_dir, run_id) if run_id else None
+        if kept is not None:
+            own, changed = apply_norm_stats(states, kept)
+            if set(changed) >= set(self.keys):
+                logger.info("site %s: signatures with its own normalisation statistics", self.site)
+                return models_from_states(self.cfg, own)
+        for key in self.keys:
+            n = recompute_norm_stats(models[key], self.data[key], device=self.device)
+            logger.info("site %s %s: %d normalisation layer(s) re-estimated on %d images (no labels)", self.site,
+                        key, n, len(self.data[key]))
+        return models
+
     def signatures(self, states: States, *, external: bool = False, run_id: str | None = None) -> pd.DataFrame:
         """Every patient's deep-learning signatures, written to ``<cache>/signatures.csv`` (stays on site).
 
@@ -198,6 +242,8 @@ class SiteAlgorithm(SiteTables):
             backbone, and ``delta_<seq>`` = pre - post where both exist.
         """
         models = models_from_states(self.cfg, states)
+        if self.cfg.federation.norm_stats == "local" and self.cfg.federation.mode == "federated":
+            models = self._own_norm_stats(states, models, run_id)
         table = pd.DataFrame({"patient_id": self.labels.index.astype(str)}).set_index("patient_id")
         table["split"] = "external" if external else self.splits.reindex(table.index)
         table["label"] = self.labels

@@ -278,12 +278,14 @@ class TrainStats:
     loss_last_epoch: float
     seconds: float
     epoch_losses: list[float] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = None  # the SGD state after training (train.keep_optimizer_state)
 
 
 def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs: int, seed: int,
                    device: torch.device | None = None, global_state: dict[str, torch.Tensor] | None = None,
-                   proximal_mu: float = 0.0, dp: DPSGD | None = None) -> TrainStats:
-    """Train ``model`` in place on ``data`` for ``epochs`` local epochs.
+                   proximal_mu: float = 0.0, dp: DPSGD | None = None, max_steps: int | None = None,
+                   optimizer_state: dict[str, Any] | None = None) -> TrainStats:
+    """Train ``model`` in place on ``data`` for ``epochs`` local epochs (or ``max_steps`` SGD steps).
 
     Parameters
     ----------
@@ -292,6 +294,12 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
     dp : DPSGD, optional
         Train with DP-SGD (see :func:`train_backbone_dp`); ``model`` must be DP-compatible
         (``shared.models.run_network`` with ``privacy.dp``).
+    max_steps : int, optional
+        Local work in optimiser steps (``train.local_steps``): epochs over fresh shuffles until this many
+        steps are done, ``epochs`` ignored.
+    optimizer_state : dict, optional
+        An SGD ``state_dict`` to continue from (the site's momentum of its previous round,
+        ``train.keep_optimizer_state``); the state after training is returned in ``TrainStats``.
     """
     if dp is not None:
         return train_backbone_dp(model, data, cfg, epochs=epochs, seed=seed, dp=dp, device=device,
@@ -311,6 +319,10 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
     net = training_network(model, prec, device)
     scaler = torch.amp.GradScaler("cuda") if prec.scaler else None
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+        for group in opt.param_groups:  # the configured hyper-parameters, not the stored ones
+            group.update(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     pos = float(data.y.sum())
     neg = n - pos
     pos_weight = torch.tensor([neg / pos if (cfg.class_weighting and pos > 0 and neg > 0) else 1.0], device=device)
@@ -326,13 +338,17 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
     losses: list[float] = []
     steps = 0
     bs = cfg.batch_size
-    for _ in range(epochs):
+    epoch = 0
+    while (epoch < epochs) if max_steps is None else (steps < max_steps):
+        epoch += 1
         perm = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
         for start in range(0, n, bs):
             idx = perm[start: start + bs]
             if len(idx) < 2 and n >= 2:  # BatchNorm needs 2 samples; fold a lone sample into the epoch end
                 continue
+            if max_steps is not None and steps >= max_steps:
+                break
             xb = augment(x_all[idx], cfg, gen).to(device, non_blocking=cuda)
             if fmt is not None:
                 xb = xb.contiguous(memory_format=fmt)
@@ -355,10 +371,56 @@ def train_backbone(model: nn.Module, data: SliceSet, cfg: TrainConfig, *, epochs
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         losses.append(total / max(count, 1))
+        if count == 0:  # nothing trainable in an epoch (one sample): more epochs would not add steps
+            break
     model.to("cpu")
     if fmt is not None:
         model.to(memory_format=torch.contiguous_format)
-    return TrainStats(n, steps, losses[0], losses[-1], time.perf_counter() - t0, losses)
+    state = None
+    if optimizer_state is not None or cfg.keep_optimizer_state:
+        state = opt.state_dict()
+        for st in state["state"].values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.detach().to("cpu").clone()
+    return TrainStats(n, steps, losses[0], losses[-1], time.perf_counter() - t0, losses, state)
+
+
+@torch.no_grad()
+def recompute_norm_stats(model: nn.Module, data: SliceSet, *, device: torch.device | None = None,
+                         batch_size: int = 64) -> int:
+    """Re-estimate every BatchNorm layer's running statistics on ``data`` (images only, no labels).
+
+    One pass with only the normalisation layers in training mode (dropout stays off); each batch's
+    statistics enter with weight ``batch size / images so far``, so a running mean is the mean over all
+    the images (a running variance the size-weighted mean of the batches' variances). The model is left
+    in eval mode on the CPU. Returns the number of BatchNorm layers re-estimated (0: nothing to do).
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms or len(data) == 0:
+        return 0
+    device = device or torch.device("cpu")
+    model.to(device).eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.train()
+    x = torch.from_numpy(data.x)
+    n = len(data)
+    step = batch_size if n - batch_size * (n // batch_size) != 1 else batch_size + 1  # no batch of one
+    seen = 0
+    for start in range(0, n, step):
+        xb = x[start: start + step]
+        seen += len(xb)
+        for m in norms:
+            m.momentum = len(xb) / seen
+        model(xb.to(device))
+    for m, mom in zip(norms, saved, strict=True):
+        m.momentum = mom
+    model.eval().to("cpu")
+    return len(norms)
 
 
 # --------------------------------------------------------------------------- differential privacy

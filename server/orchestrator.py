@@ -27,6 +27,7 @@ from shared.config import RectalFLConfig
 from shared.records import (
     LAYOUT_KEY,
     arrays_to_record,
+    is_norm_stat,
     pack_arrays,
     pack_json,
     record_to_arrays,
@@ -159,11 +160,6 @@ class _ProgressGrid:
         return getattr(self._grid, name)
 
 
-def is_norm_buffer(key: str) -> bool:
-    """A normalisation layer's running statistics (``.../running_mean``, ``.../running_var``)."""
-    return key.endswith(("running_mean", "running_var"))
-
-
 class _BuffersAveraged:
     """Mixin for server optimisers (FedAdam, FedAvgM): normalisation buffers are not weights.
 
@@ -182,7 +178,7 @@ class _BuffersAveraged:
             return new, metrics
         ok = [r for r in replies if not r.has_error()]
         weights = np.array([float(r.content["metrics"][self.weighted_by_key]) for r in ok])  # type: ignore[attr-defined]
-        for key in [k for k in new.keys() if is_norm_buffer(k)]:
+        for key in [k for k in new.keys() if is_norm_stat(k)]:
             arrs = [r.content["arrays"][key].numpy().astype(np.float64) for r in ok]
             mean = sum(w * a for w, a in zip(weights, arrs, strict=True)) / weights.sum()
             new[key] = Array(np.asarray(mean, dtype=np.float32))

@@ -221,6 +221,12 @@ class TrainConfig(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(32, ge=1, le=4096)
     local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1)
+    """Local work per round in SGD steps per backbone instead of ``local_epochs`` (epochs over fresh shuffles
+    until this many steps): small sites otherwise make only 2-3 steps a round. Not with DP-SGD."""
+    keep_optimizer_state: bool = False
+    """Each site keeps its SGD momentum between rounds (in its cache, per run and backbone) instead of
+    starting every round with a new optimiser. Not with DP-SGD."""
     class_weighting: bool = True
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (0.9, 1.1)
@@ -279,6 +285,12 @@ class FederationConfig(_Section):
     proximal_mu: float = Field(0.01, ge=0)
     server_lr: float | None = Field(None, gt=0)
     """Server learning rate of fedadam (default 0.01) or fedavgm (default 1.0)."""
+    norm_stats: Literal["global", "local"] = "global"
+    """``local`` (SiloBN/FedBN-style): each site keeps its own BatchNorm running statistics between rounds
+    (in its cache, per run) and normalises its images with them; the weights (affine parameters included)
+    are federated as usual. A site without statistics of its own (an external site) re-estimates them
+    on its own images, without labels, before computing signatures. ``global``: the averaged statistics.
+    Federated runs only (the pooled and local baselines have one data set per model)."""
     server_momentum: float = Field(0.9, ge=0, lt=1)
     """fedavgm: momentum of the server's update (Hsu et al. 2019)."""
     server_betas: tuple[float, float] = (0.9, 0.99)
@@ -552,6 +564,9 @@ class RectalFLConfig(_Section):
 
     @model_validator(mode="after")
     def _precision_without_dp(self) -> RectalFLConfig:
+        if self.privacy.dp and (self.train.local_steps is not None or self.train.keep_optimizer_state):
+            raise ValueError("train.local_steps / train.keep_optimizer_state with privacy.dp: the privacy ledger plans "
+                             "DP-SGD in epochs with a fresh optimiser each round; unset them or set privacy.dp: false")
         if self.privacy.dp and self.train.compile:
             raise ValueError("train.compile with privacy.dp: Opacus' per-sample gradient hooks do not go through "
                              "torch.compile; set train.compile: false")

@@ -25,6 +25,12 @@ SEP = "/"
 StateDicts = dict[str, "OrderedDict[str, torch.Tensor]"]
 
 
+def is_norm_stat(param_name: str) -> bool:
+    """A normalisation layer's running statistic (``...running_mean`` / ``...running_var``): an estimate of the
+    data's feature statistics, not a weight (server optimisers average it; ``norm_stats: local`` keeps it on site)."""
+    return param_name.endswith(("running_mean", "running_var"))
+
+
 def is_local_only(param_name: str) -> bool:
     """Buffers that never leave a site (see module docstring)."""
     return param_name.endswith("num_batches_tracked")

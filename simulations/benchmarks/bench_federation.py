@@ -32,11 +32,18 @@ from server.store import RunStore
 from shared.config import load_config
 from simulations.runner import prepare_sites, run_simulation
 
+SITE_STATE_SUFFIX = "+site-state"
 
-def _one(cfg, mode: str, strategy: str, seed: int, runs_root: Path) -> tuple[pd.DataFrame, Path, float]:
+
+def _one(cfg, mode: str, strategy: str, seed: int, runs_root: Path,
+         local_steps: int | None = None) -> tuple[pd.DataFrame, Path, float]:
     c = cfg.model_copy(deep=True)
     c.federation.mode = mode
-    c.federation.strategy = strategy
+    c.federation.strategy = strategy.removesuffix(SITE_STATE_SUFFIX)
+    if strategy.endswith(SITE_STATE_SUFFIX):  # the site keeps its BN statistics and momentum; steps, not epochs
+        c.federation.norm_stats = "local"
+        c.train.keep_optimizer_state = True
+        c.train.local_steps = local_steps
     c.train.seed = seed
     c.runs_root = runs_root
     t0 = time.perf_counter()
@@ -45,6 +52,8 @@ def _one(cfg, mode: str, strategy: str, seed: int, runs_root: Path) -> tuple[pd.
     table = pd.read_csv(run_dir / "tables" / "signature_auc.csv")
     if "model" not in table:
         table.insert(0, "model", strategy)
+    elif strategy.endswith(SITE_STATE_SUFFIX):
+        table["model"] = strategy
     table["seed"] = seed
     return table, run_dir, seconds
 
@@ -89,6 +98,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per model (1..N)")
     ap.add_argument("--strategies", nargs="+", default=["fedavg", "fedprox", "fedadam", "fedavgm"],
                     choices=["fedavg", "fedprox", "fedadam", "fedavgm"])
+    ap.add_argument("--site-state", action="store_true",
+                    help="also each strategy with federation.norm_stats local, train.keep_optimizer_state and "
+                         "train.local_steps (model '<strategy>+site-state')")
+    ap.add_argument("--local-steps", type=int, default=10, help="train.local_steps of the --site-state runs")
     ap.add_argument("--rounds", type=int, default=None, help="override federation.rounds")
     ap.add_argument("--out", default=None, help="write the full per-backbone table to this CSV")
     args = ap.parse_args()
@@ -100,9 +113,9 @@ def main() -> None:
     tables, profiles, walls = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(1, args.seeds + 1):
-            for mode, strategy in [("pooled", "fedavg"), ("local", "fedavg"),
-                                   *(("federated", st) for st in args.strategies)]:
-                t, run_dir, secs = _one(cfg, mode, strategy, seed, Path(tmp))
+            fed = [*args.strategies, *((st + SITE_STATE_SUFFIX for st in args.strategies) if args.site_state else ())]
+            for mode, strategy in [("pooled", "fedavg"), ("local", "fedavg"), *(("federated", st) for st in fed)]:
+                t, run_dir, secs = _one(cfg, mode, strategy, seed, Path(tmp), args.local_steps)
                 tables.append(t)
                 walls.append({"model": t["model"].iloc[0] if mode != "local" else "local (all)", "seed": seed,
                               "wall_s": secs})

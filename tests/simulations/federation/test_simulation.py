@@ -18,6 +18,7 @@ from client.algorithm import SiteAlgorithm
 from client.train import initial_states, mean_loss, models_from_states
 from server.pipeline import simulation_sites
 from server.store import RunStore
+from shared.models import signature_keys
 from shared.records import unflatten_states
 from simulations.runner import run_simulation
 from tests.conftest import tiny_config
@@ -198,3 +199,36 @@ def test_a_site_requiring_secure_updates_refuses_a_plain_round(fed_run, tmp_path
         assert set(failed["site"]) == {"site_c"}
         assert failed["message"].str.contains(r"secure_updates.*federation.secure_aggregation: true").all()
         assert store.rounds(rid)["n_replied"].tolist() == [2]
+
+
+def test_site_kept_state_fedbn_momentum_and_steps_over_flower(fed_run, tmp_path) -> None:
+    """norm_stats: local + keep_optimizer_state + local_steps with FedAvgM, through Flower: every training
+    site keeps its own BatchNorm statistics and SGD momentum in its cache (they differ between sites and
+    from the averaged model's), makes exactly local_steps steps a round, and the external site, which
+    never trained, re-estimates its statistics on its own images and still gets its signatures."""
+    cfg, _ = fed_run
+    c = _copy_consortium(cfg, tmp_path, **{"fusion.enabled": False, "federation.norm_stats": "local",
+                                           "federation.strategy": "fedavgm", "train.keep_optimizer_state": True,
+                                           "train.local_steps": 3})
+    run_dir = run_simulation(c, run_dir=tmp_path / "runs" / "B", prepare=False)
+    with RunStore.open_run_dir(run_dir, readonly=True) as store:
+        rid = store.runs()["run_id"].iloc[0]
+        assert store.runs()["status"].iloc[0] == "completed"
+        steps = store.metrics(rid, stage="train")
+        steps = steps[steps["key"].str.endswith("/steps")]
+        assert len(steps) and set(steps["value"]) == {3.0}
+    with np.load(run_dir / "models" / "final.npz") as z:
+        averaged = {k: z[k] for k in z.files if k.endswith("running_mean")}
+    kept = {}
+    for site in ("site_a", "site_b", "site_c"):
+        state = Path(c.cache_root) / site / "run_state" / rid
+        with np.load(state / "norm_stats.npz") as z:
+            kept[site] = {k: z[k] for k in z.files if k.endswith("running_mean")}
+        assert set(kept[site]) == set(averaged)
+        assert sorted(p.stem for p in (state / "optimizer").glob("*.pt")) == sorted(signature_keys(c))
+    key = sorted(averaged)[0]
+    assert not np.allclose(kept["site_a"][key], kept["site_b"][key])  # each site's own images
+    assert not np.allclose(kept["site_a"][key], averaged[key])
+    assert not (Path(c.cache_root) / "ext" / "run_state").exists()  # external: re-estimated, nothing kept
+    sig = pd.read_csv(Path(c.cache_root) / "ext" / "signatures.csv")
+    assert len(sig) and sig[signature_keys(c)].notna().all().all()
