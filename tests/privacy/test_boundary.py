@@ -30,7 +30,9 @@ from shared.records import (
 
 from .node_context import node_context
 
-ALLOWED_METRIC = re.compile(r"^(num-examples|train-loss|fit-seconds|(pre|post)_[a-z0-9_]+/(train-loss|n|seconds))$")
+# steps follow from n, the batch size and the config; norm-stats-local counts backbones, not patients
+ALLOWED_METRIC = re.compile(r"^(num-examples|train-loss|fit-seconds|norm-stats-local|"
+                            r"(pre|post)_[a-z0-9_]+/(train-loss|n|seconds|steps))$")
 
 
 def _config(cfg, sites, **extra) -> ConfigRecord:
