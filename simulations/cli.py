@@ -193,7 +193,7 @@ def simulate(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default configs/demo.yaml).")]
     = None,
     mode: Annotated[str | None, typer.Option(help="Override federation.mode: federated, pooled or local.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="Override federation.strategy: fedavg, fedprox, fedadam.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="Override federation.strategy: fedavg, fedprox, fedadam, fedavgm.")] = None,
     rounds: Annotated[int | None, typer.Option(help="Override federation.rounds.")] = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Where to write the run (default runs/<time>-<name>)"
                                                  "; must not exist or be empty.")] = None,
