@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import json
@@ -542,22 +543,45 @@ def _na(why: str) -> str:
 
 def _table(df: pd.DataFrame | None, columns: dict[str, str], kinds: dict[str, str] | None = None, *,
            highlight: str | None = None, why: str = "", note: bool = False) -> str:
-    """An HTML table of ``columns`` (``{column: header}``); absent columns show as dashes."""
+    """An HTML table of ``columns`` (``{column: header}``); absent columns show as dashes.
+
+    With ``note``, each distinct sentence of the rows' notes (notes are ``"; "``-joined sentences) is
+    written once, as a numbered footnote under the table, and a row's Note cell holds its markers.
+    """
     if df is None or not len(df):
         return _na(why or "nothing to show")
     kinds = kinds or {}
     cols = dict(columns)
+    notes: dict[str, int] = {}
     if note:
         cols["note"] = "Note"
-        kinds = {**kinds, "note": "label"}
+        parts = [p for v in (df["note"] if "note" in df else []) for p in _note_parts(v)]
+        anchor = "n" + hashlib.sha1("\n".join([*cols.values(), *parts]).encode()).hexdigest()[:10]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in cols.values())
     rows = []
     for _, r in df.iterrows():
         cls = ' class="hl"' if highlight and _truthy(r.get(highlight)) else ""
-        cells = "".join(f'<td{" class=note" if c == "note" else ""}>{fmt(r.get(c), kinds.get(c, "num"))}</td>'
-                        for c in cols)
-        rows.append(f"<tr{cls}>{cells}</tr>")
-    return f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        cells = []
+        for c in cols:
+            if c == "note":
+                marks = [notes.setdefault(part, len(notes) + 1) for part in _note_parts(r.get("note"))]
+                text = ", ".join(f'<a href="#{anchor}-{m}">{m}</a>' for m in dict.fromkeys(marks))
+                cells.append(f"<td class=note>{f'<sup>{text}</sup>' if text else ''}</td>")
+            else:
+                cells.append(f"<td>{fmt(r.get(c), kinds.get(c, 'num'))}</td>")
+        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    out = f'<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    if notes:
+        items = "".join(f'<li id="{anchor}-{m}">{html.escape(t)}</li>' for t, m in notes.items())
+        out += f'<ol class="notes small">{items}</ol>'
+    return out
+
+
+def _note_parts(value: Any) -> list[str]:
+    """The sentences of a note cell (``"; "``-joined), empty for a missing note."""
+    if _missing(value) or not str(value).strip():
+        return []
+    return [p.strip() for p in str(value).split("; ") if p.strip()]
 
 
 def _img(path: Path, caption: str) -> str:

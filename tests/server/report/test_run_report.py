@@ -195,10 +195,29 @@ def test_disclosure_lists_every_suppression_and_withheld_number(built_run):
     assert withheld[("Signature AUC", "pre_t2w / site_b / test")] == "auc, lo, hi"
     assert ("Table 1", "external / crm, n (%)") in withheld
     assert not any(k[0] == "Table 1" and k[1].endswith("/ n") for k in withheld)  # "n" rows have no p by design
-    # the note travels with the row in its own table, and the withheld cell shows as a dash
+    # the note travels with the row in its own table (a footnote marker), and the withheld cell shows as a dash
     t3_external = tables_in(page, "Table 3")[2]["rows"]
     cr = next(r for r in t3_external if r[0] == "CR")
-    assert cr[6] == "–" and "binary_metrics" in cr[-1]
+    assert cr[6] == "–" and cr[-1]
+    text = built_run[1].read_text(encoding="utf-8")
+    targets = re.findall(r'<li id="(n[0-9a-f]+-(\d+))">[^<]*binary_metrics[^<]*</li>', text)
+    assert any(f'href="#{anchor}"' in text and mark in cr[-1].split(", ") for anchor, mark in targets)
+
+
+def test_a_note_shared_by_many_rows_is_written_once_under_its_table() -> None:
+    import html
+
+    import pandas as pd
+
+    from server.report import _table
+
+    long = "cells with 0 < count < k=5 withheld (and complementary cells so that the totals do not reveal them)"
+    df = pd.DataFrame({"a": [1.0, 2.0, 3.0], "note": [f"row one; {long}", long, ""]})
+    out = _table(df, {"a": "A"}, note=True)
+    assert out.count(html.escape(long)) == 1 and out.count("row one") == 1
+    cells = re.findall(r"<td class=note>(.*?)</td>", out)
+    assert [re.sub(r"<[^>]+>", "", c) for c in cells] == ["1, 2", "2", ""]
+    assert _table(df, {"a": "A"}, note=True) == out  # deterministic anchors: the same page every time
 
 
 def test_unknown_cohort_and_model_names_come_from_the_data(run_copy):
