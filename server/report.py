@@ -967,14 +967,18 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
              "multi_lo": "or", "multi_hi": "or", "multi_p": "p", "selected": "bool"},
             highlight="selected", why=inp.why("table2_odds_ratios"), note=True)))
 
+    bound = "auc_bound" in perf and bool(pd.to_numeric(perf["auc_bound"], errors="coerce").notna().any())
     body = _explain("Discrimination (AUC with DeLong 95% CI) and accuracy, sensitivity, specificity and F1 at the "
-                    "probability threshold shown; good = good responders (the positives), poor = poor responders.")
+                    "probability threshold shown; good = good responders (the positives), poor = poor responders."
+                    + (" The AUC is computed by the sites from fine-grid histograms of the scores; <i>grid bound</i> "
+                       "is the most it can differ from the AUC of the exact scores (good-poor pairs sharing a grid "
+                       "cell count one half; 0 = no such pair)." if bound else ""))
+    cols3 = {"model": "Model", "n_pos": "good", "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low",
+             "auc_hi": "95% CI high", **({"auc_bound": "grid bound"} if bound else {}), "accuracy": "Accuracy",
+             "sensitivity": "Sensitivity", "specificity": "Specificity", "f1": "F1", "threshold": "Threshold"}
     for c in _ordered(perf["cohort"]):
-        body += f"<h4>{html.escape(_label(c))}</h4>" + _table(perf[perf["cohort"].astype(str) == c], {
-            "model": "Model", "n_pos": "good", "n_neg": "poor", "auc": "AUC", "auc_lo": "95% CI low",
-            "auc_hi": "95% CI high", "accuracy": "Accuracy", "sensitivity": "Sensitivity",
-            "specificity": "Specificity", "f1": "F1", "threshold": "Threshold"},
-            {"model": "text", "n_pos": "int", "n_neg": "int", "threshold": "g"}, note=True)
+        body += f"<h4>{html.escape(_label(c))}</h4>" + _table(perf[perf["cohort"].astype(str) == c], cols3,
+            {"model": "text", "n_pos": "int", "n_neg": "int", "threshold": "g", "auc_bound": "g"}, note=True)
     sections.append(_section("table3", "Table 3. Model performance per cohort", body))
 
     sections.append(_section("delong", "DeLong tests between models", _explain(

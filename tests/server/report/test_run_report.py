@@ -302,3 +302,19 @@ def test_a_report_written_as_the_last_stage_says_completed_not_running(run_copy)
 
     assert status_cell(build_report(run_copy)) == "running"  # what the record says
     assert status_cell(build_report(run_copy, status="completed")) == "completed"
+
+
+def test_table3_publishes_the_auc_grid_bound_when_the_table_has_it(run_copy):
+    import pandas as pd
+
+    perf_path = run_copy / "tables" / "table3_performance.csv"
+    assert "grid bound" not in tables_in(parse(build_report(run_copy)), "Table 3")[0]["headers"]
+    perf = pd.read_csv(perf_path)
+    perf["auc_bound"] = 0.0
+    perf.loc[0, "auc_bound"] = 0.0123
+    perf.to_csv(perf_path, index=False)
+    page = parse(build_report(run_copy))
+    first = tables_in(page, "Table 3")[0]
+    col = first["headers"].index("grid bound")
+    assert first["rows"][0][col] == "0.0123"
+    assert "grid bound" in section(page, "Table 3")
