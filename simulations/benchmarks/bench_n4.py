@@ -4,9 +4,12 @@ Run from the repository root::
 
     python -m simulations.benchmarks.bench_n4                        # 512 x 512 x 30 at 0.43 x 0.43 x 4 mm
     python -m simulations.benchmarks.bench_n4 --volumes 1 --fit-spacings 7 --schedules 20,20,20 --no-full-reference
+    python -m simulations.benchmarks.bench_n4 --source synth --volumes 1     # simulations.synth at 220 mm FOV
 
 Phantom T2W volumes (pelvis, rectal wall, tumour) with a known smooth multiplicative bias field
-(``bench_preprocess``'s phantom), written at the resolution of a clinical rectal T2W series. For
+(``bench_preprocess``'s phantom), written at the resolution of a clinical rectal T2W series; or
+(``--source synth``) T2W volumes of the synthetic cohort over a clinical field of view (harder:
+anatomy, scanner contrast, Rician noise; no tissue labels, so no muscle CoV). For
 each fit setting - the fixed ``shrink_factor`` 4 with the old default schedule, and every physical
 fit grid (``preprocess.n4.fit_spacing_mm``) x iteration schedule (``preprocess.n4.iterations``: one
 entry per fitting level) x convergence threshold - :func:`client.image_ops.n4_correct` runs exactly
@@ -40,7 +43,24 @@ def phantom(shape: tuple[int, int, int], spacing: tuple[float, float, float], se
     return im, labels, bias
 
 
+def synthetic(shape: tuple[int, int, int], fov_mm: tuple[float, float, float], seed: int):
+    """A ``simulations.synth`` T2W (Siemens-like profile) of ``shape`` voxels over ``fov_mm``: the image, a body
+    mask (label 1: the Otsu foreground; no tissue labels, so no muscle CoV) and the true bias field."""
+    from client.image_ops import foreground_mask
+    from shared.config import SiteSpec, SynthConfig
+    from simulations.synth import render_patient
+
+    spec = SiteSpec(name="bench", patients=4, scanner="siemens_like")
+    cfg = SynthConfig(sites=[spec], shape=shape, fov_mm=fov_mm)
+    vol = render_patient(cfg, spec, seed, 0, sequences=("t2w",), timepoints=("pre",)).volumes[("pre", "t2w")]
+    im = sitk.Cast(vol.image_sitk(), sitk.sitkFloat32)
+    body = sitk.GetArrayFromImage(foreground_mask(im)).astype(np.uint8)
+    return im, body, sitk.GetArrayFromImage(vol.bias_sitk()).astype(np.float64)
+
+
 def _cov(arr: np.ndarray, region: np.ndarray) -> float:
+    if not region.any():
+        return float("nan")
     v = arr[region].astype(np.float64)
     return float(v.std() / v.mean())
 
@@ -67,6 +87,10 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=[512, 512, 30], metavar=("X", "Y", "Z"))
     ap.add_argument("--spacing", type=float, nargs=3, default=[0.43, 0.43, 4.0], metavar=("X", "Y", "Z"))
     ap.add_argument("--volumes", type=int, default=2)
+    ap.add_argument("--source", choices=("phantom", "synth"), default="phantom",
+                    help="phantom (tissue labels: muscle CoV) or simulations.synth (harder anatomy and contrast)")
+    ap.add_argument("--fov-mm", type=float, nargs=3, default=[220.0, 220.0, 120.0], metavar=("X", "Y", "Z"),
+                    help="synth: field of view (the spacing then follows from it and the scanner profile)")
     ap.add_argument("--fit-spacings", type=float, nargs="+", default=[3.5, 7.0, 10.0],
                     help="physical fit grids (mm), each with every schedule and threshold")
     ap.add_argument("--schedules", type=_schedule, nargs="+", default=[(50, 40, 30), (20, 20, 20), (30, 20)],
@@ -87,7 +111,11 @@ def main() -> None:
     cores = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     full_s = []
     for v in range(args.volumes):
-        im, labels, bias = phantom(shape, spacing, seed=v)
+        if args.source == "synth":
+            im, labels, bias = synthetic(shape, tuple(args.fov_mm), seed=v)
+            spacing = tuple(round(x, 3) for x in im.GetSpacing())
+        else:
+            im, labels, bias = phantom(shape, spacing, seed=v)
         raw_cov = _cov(sitk.GetArrayFromImage(im), labels == 2)
         ref = None
         if args.full_reference:
@@ -106,7 +134,7 @@ def main() -> None:
             f = n4_shrink_factors(im, 4, fit_spacing_mm=st[0])
             grids[st[0]] = "x".join(str(n // k) for n, k in zip(shape, f, strict=True))
         print(f"volume {v + 1}: {len(settings)} settings done", flush=True)
-    print(f"\n{shape[0]}x{shape[1]}x{shape[2]} at {spacing[0]:g}x{spacing[1]:g}x{spacing[2]:g} mm, "
+    print(f"\n{args.source}: {shape[0]}x{shape[1]}x{shape[2]} at {spacing[0]:g}x{spacing[1]:g}x{spacing[2]:g} mm, "
           f"{args.volumes} volume(s), one thread per fit"
           + (f"; full-resolution reference fits {np.mean(full_s):.0f} s per volume on {cores} threads" if full_s else ""))
     print(f"{'fit':12s} {'fit grid':>10s} {'schedule':>10s} {'conv':>6s} {'s/volume':>9s} {'r(log bias)':>11s} "
