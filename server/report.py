@@ -577,6 +577,37 @@ def _table(df: pd.DataFrame | None, columns: dict[str, str], kinds: dict[str, st
     return out
 
 
+def not_converged(table2: pd.DataFrame | None, fusion: pd.DataFrame | None) -> list[str]:
+    """Every fit of the run that records it did not converge (Table 2's logistic fits, the fusion SVMs and
+    their Platt scaling): one line each, empty when all converged or nothing says otherwise."""
+    out = []
+    for df, name_col, checks in ((table2, "predictor", (("uni_converged", "univariate logistic fit"),
+                                                         ("multi_converged", "multivariable logistic fit"))),
+                                 (fusion, "model", (("converged", "SVM fit"), ("platt_converged", "Platt scaling")))):
+        if df is None:
+            continue
+        for _, r in df.iterrows():
+            for col, what in checks:
+                v = r.get(col)
+                if not _missing(v) and str(v).strip() != "" and not _truthy(v):
+                    out.append(f"{r.get(name_col)}: {what} did not converge")
+        if df is fusion and "cv_fits_converged" in df:
+            for _, r in df.iterrows():
+                m = re.match(r"^\s*(\d+)\s*/\s*(\d+)\s*$", str(r.get("cv_fits_converged", "")))
+                if m and int(m.group(1)) < int(m.group(2)):
+                    out.append(f"{r.get('model')}: {m.group(1)} of {m.group(2)} cross-validation fits converged")
+    return out
+
+
+def _convergence_warning(table2: pd.DataFrame | None, fusion: pd.DataFrame | None) -> str:
+    lines = not_converged(table2, fusion)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(x)}</li>" for x in lines)
+    return (f'<div class="warn"><b>Fits that did not converge</b> (their numbers are the last iterate: read them '
+            f"with care; see the converged / iterations / gradient-norm columns):<ul>{items}</ul></div>")
+
+
 def _note_parts(value: Any) -> list[str]:
     """The sentences of a note cell (``"; "``-joined), empty for a missing note."""
     if _missing(value) or not str(value).strip():
@@ -856,6 +887,7 @@ figure{display:inline-block;margin:.5rem;vertical-align:top}figure img{max-width
 border:1px solid #eee}figcaption{font-size:.8rem;color:#555;max-width:520px}.meta td,.meta th{text-align:left}
 .matrix td{text-align:center}.small{font-size:.8rem;color:#555}td.note{text-align:left;font-size:.72rem;color:#666;
 max-width:24rem}nav{font-size:.85rem}nav a{margin-right:.8rem}details{margin:.4rem 0 1rem}summary{cursor:pointer}
+.warn{border-left:4px solid #D55E00;background:#fff3ec;padding:.4rem .8rem;margin:.6rem 0}ol.notes{margin:-.6rem 0 1rem}
 """
 
 PAGE = Template("""<!DOCTYPE html>
@@ -962,9 +994,11 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
         "CR and CRD.") + _table(t("table2_odds_ratios"), {
             "predictor": "Predictor", "uni_or": "OR", "uni_lo": "95% CI low", "uni_hi": "95% CI high", "uni_p": "p",
             "multi_or": "adjusted OR", "multi_lo": "adj. 95% CI low", "multi_hi": "adj. 95% CI high",
-            "multi_p": "p (adj.)", "selected": "selected"},
+            "multi_p": "p (adj.)", "selected": "selected", "uni_method": "fit", "uni_converged": "converged",
+            "multi_converged": "adj. converged"},
             {"predictor": "text", "uni_or": "or", "uni_lo": "or", "uni_hi": "or", "uni_p": "p", "multi_or": "or",
-             "multi_lo": "or", "multi_hi": "or", "multi_p": "p", "selected": "bool"},
+             "multi_lo": "or", "multi_hi": "or", "multi_p": "p", "selected": "bool", "uni_method": "label",
+             "uni_converged": "label", "multi_converged": "label"},
             highlight="selected", why=inp.why("table2_odds_ratios"), note=True)))
 
     bound = "auc_bound" in perf and bool(pd.to_numeric(perf["auc_bound"], errors="coerce").notna().any())
@@ -1018,10 +1052,13 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
 
     fm = t("fusion_models")
     fcols = {"model": "Model", "inputs": "Inputs", "C": "C", "gamma": "gamma", "n_components": "RFF components",
-             "cv_auc": "CV AUC", "platt_a": "Platt A", "platt_b": "Platt B", "rounds": "Rounds",
+             "cv_auc": "CV AUC", "platt_a": "Platt A", "platt_b": "Platt B", "converged": "converged",
+             "iterations": "Newton iterations", "grad_norm": "final gradient norm",
+             "platt_converged": "Platt converged", "cv_fits_converged": "CV fits converged", "rounds": "Rounds",
              "bytes_per_site": "Bytes per site"}
     fkinds = {"model": "text", "inputs": "text", "C": "g", "gamma": "g", "n_components": "int", "rounds": "int",
-              "bytes_per_site": "int"}
+              "bytes_per_site": "int", "converged": "label", "iterations": "int", "grad_norm": "g",
+              "platt_converged": "label", "cv_fits_converged": "label"}
     ref_note = ""
     if fm is not None:
         fm = fm.copy()
@@ -1039,7 +1076,7 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
             ref_note = " Pooled reference: not available (not run; a deployment never pools rows)."
     shap_figs = "".join(_img(p, f"{k[5:]}: mean |SHAP| per input over the training cohort, summed at the sites")
                         for k, p in figs.items() if k.startswith("shap_"))
-    sections.append(_section("fusion", "Fusion models", _explain(
+    sections.append(_section("fusion", "Fusion models", _convergence_warning(t("table2_odds_ratios"), fm) + _explain(
         "Hyper-parameters chosen by federated 5-fold cross-validation (C, RBF gamma; CV AUC of out-of-fold decision "
         "values), random-Fourier-feature dimension, federated Platt scaling (A, B), message rounds and bytes each "
         "site sent." + ref_note) + _table(fm, fcols, fkinds, why=inp.why("fusion_models"), note=True) +

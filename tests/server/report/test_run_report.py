@@ -318,3 +318,27 @@ def test_table3_publishes_the_auc_grid_bound_when_the_table_has_it(run_copy):
     col = first["headers"].index("grid bound")
     assert first["rows"][0][col] == "0.0123"
     assert "grid bound" in section(page, "Table 3")
+
+
+def test_a_fit_that_did_not_converge_is_flagged(run_copy):
+    """Convergence is reported, never assumed: the columns are shown and a non-converged fit is named."""
+    import pandas as pd
+
+    from server.report import not_converged
+
+    fm_path = run_copy / "tables" / "fusion_models.csv"
+    fm = pd.read_csv(fm_path)
+    fm["converged"], fm["iterations"], fm["grad_norm"] = True, 7, 1e-9
+    fm["platt_converged"], fm["cv_fits_converged"] = True, "15/15"
+    fm.to_csv(fm_path, index=False)
+    text = build_report(run_copy).read_text(encoding="utf-8")
+    assert "Newton iterations" in text and "did not converge" not in text
+    fm.loc[0, "converged"] = False
+    fm.loc[1, "cv_fits_converged"] = "13/15"
+    fm.to_csv(fm_path, index=False)
+    text = build_report(run_copy).read_text(encoding="utf-8")
+    first, second = str(fm.loc[0, "model"]), str(fm.loc[1, "model"])
+    assert f"{first}: SVM fit did not converge" in text
+    assert f"{second}: 13 of 15 cross-validation fits converged" in text
+    t2 = pd.DataFrame({"predictor": ["cea", "age"], "uni_converged": [True, "False"], "multi_converged": ["", True]})
+    assert not_converged(t2, None) == ["age: univariate logistic fit did not converge"]
