@@ -390,6 +390,10 @@ def _perf_row(m: str, c: str, roc: Any, column: str, qb: SiteQuery, thr: float, 
                    approx=bool(qb.result.approx))
         if roc is None or column not in roc.aucs:
             row.update(n_pos=int(b.tp + b.fn), n_neg=int(b.tn + b.fp))
+        elif not row["approx"] and (int(b.tp + b.fn), int(b.tn + b.fp)) != (row["n_pos"], row["n_neg"]):
+            row["note"] = "; ".join(n for n in (row["note"], (
+                f"accuracy, sensitivity, specificity and F1 describe {int(b.tp + b.fn)} good / {int(b.tn + b.fp)} "
+                f"poor responders, the AUC {row['n_pos']} / {row['n_neg']}: not the same patients")) if n)
     return row
 
 

@@ -89,3 +89,23 @@ def test_no_tuning_step_touches_test_or_external_patients(result, tmp_path):
     after = res2.tables["table3_performance"].set_index(["model", "cohort"])["auc"]
     assert before.loc[("FDL", "training")] == after.loc[("FDL", "training")]
     assert before.loc[("FDL", "external")] != after.loc[("FDL", "external")]
+
+
+def test_a_table3_row_says_when_its_auc_and_binary_metrics_describe_different_patients() -> None:
+    from types import SimpleNamespace as NS
+
+    from server.analysis import _perf_row
+
+    roc = NS(aucs={"FDL": NS(n_pos=20, n_neg=30, auc=0.8, lo=0.7, hi=0.9)}, tie_bound={"FDL": 0.0})
+
+    def binary(tp, fn, tn, fp, approx=False):
+        m = NS(accuracy=0.7, sensitivity=0.6, specificity=0.8, f1=0.65, tp=tp, fn=fn, tn=tn, fp=fp)
+        return NS(ok=True, result=NS(metrics=m, approx=approx))
+
+    same = _perf_row("FDL", "external", roc, "FDL", binary(12, 8, 24, 6), 0.5, [])
+    assert same["note"] == "" and (same["n_pos"], same["n_neg"]) == (20, 30)
+    other = _perf_row("FDL", "external", roc, "FDL", binary(9, 5, 20, 6), 0.5, ["a site's note"])
+    assert other["note"].startswith("a site's note; ") and "14 good / 26 poor" in other["note"]
+    assert "the AUC 20 / 30" in other["note"]
+    rounded = _perf_row("FDL", "external", roc, "FDL", binary(10, 5, 25, 5, approx=True), 0.5, [])
+    assert rounded["note"] == ""  # cells rounded to base k by disclosure control: flagged by approx, not here
