@@ -1062,6 +1062,7 @@ def build_report(run_dir: Path | str, *, warn: Callable[[str], None] | None = No
     ref_note = ""
     if fm is not None:
         fm = fm.copy()
+        fcols = {c: h for c, h in fcols.items() if c == "model" or c in fm}  # a wide table: only what the run has
         if "inputs" in fm:
             fm["inputs"] = fm["inputs"].map(lambda s: s if _missing(s) else str(s).replace(";", ", "))
         refs = [c for c in fm.columns if c.startswith("ref_")]
