@@ -250,6 +250,10 @@ class SiteAlgorithm(SiteTables):
         for key in self.keys:
             data = self.data[key]
             probs = predict(models[key], data, device=self.device)
+            if len(probs) and not np.isfinite(probs).all():
+                raise ValueError(f"site {self.site}: backbone {key} gives non-finite outputs for "
+                                 f"{int((~np.isfinite(probs)).sum())} of {len(probs)} patients: the model received is "
+                                 "broken (e.g. a server optimiser that diverged); no signature was written")
             table[key] = pd.Series(probs, index=pd.Index(data.patient_ids, dtype=object), dtype=float)
         for seq in self.cfg.data.sequences:
             if f"pre_{seq}" in table and f"post_{seq}" in table:

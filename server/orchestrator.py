@@ -169,20 +169,33 @@ class _BuffersAveraged:
     the new model is the plain ``num-examples``-weighted mean of the sites' buffers (FedAvg's).
     """
 
-    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, Any]:
-        from flwr.app import Array
+    layout: str | None = None
+    """The packed layout of this round's arrays (:func:`shared.records.pack_arrays`), set by the orchestrator:
+    the weights travel as one flat array per dtype, so the buffers are found through it."""
 
+    def aggregate_train(self, server_round: int, replies: Any) -> tuple[ArrayRecord | None, Any]:
         replies = list(replies)
         new, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if new is None:
             return new, metrics
         ok = [r for r in replies if not r.has_error()]
         weights = np.array([float(r.content["metrics"][self.weighted_by_key]) for r in ok])  # type: ignore[attr-defined]
-        for key in [k for k in new.keys() if is_norm_stat(k)]:
-            arrs = [r.content["arrays"][key].numpy().astype(np.float64) for r in ok]
-            mean = sum(w * a for w, a in zip(weights, arrs, strict=True)) / weights.sum()
-            new[key] = Array(np.asarray(mean, dtype=np.float32))
-        return new, metrics
+
+        def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+            return dict(unpack_arrays(record, self.layout)) if self.layout else record_to_arrays(record)
+
+        flat = arrays_of(new)
+        keys = [k for k in flat if is_norm_stat(k)]
+        if not keys:
+            return new, metrics
+        sites = [arrays_of(r.content["arrays"]) for r in ok]
+        for key in keys:
+            mean = sum(w * s[key].astype(np.float64) for w, s in zip(weights, sites, strict=True)) / weights.sum()
+            flat[key] = np.asarray(mean, dtype=np.float32)
+        out = pack_arrays(flat, self.layout)[0] if self.layout else arrays_to_record(flat)
+        if isinstance(getattr(self, "current_arrays", None), ArrayRecord):  # FedAvgM steps from what it returned
+            self.current_arrays = out
+        return out, metrics
 
 
 class FedAdamBuffersAveraged(_BuffersAveraged, FedAdam):
@@ -483,6 +496,8 @@ class Orchestrator:
                         f"federation.min_sites is {min_sites}; see the events in the run record")
                 # A fixed reply order makes the floating-point sums, hence a resumed run, reproducible.
                 ok.sort(key=lambda m: str(m.content["site"]["name"]))
+                if isinstance(strategy, _BuffersAveraged):
+                    strategy.layout = layout
                 new_arrays, _ = strategy.aggregate_train(rnd, [session["sum"]] if session is not None else ok)
                 if new_arrays is None:
                     raise FederationError(f"round {rnd}: the strategy produced no model")

@@ -232,3 +232,20 @@ def test_site_kept_state_fedbn_momentum_and_steps_over_flower(fed_run, tmp_path)
     assert not (Path(c.cache_root) / "ext" / "run_state").exists()  # external: re-estimated, nothing kept
     sig = pd.read_csv(Path(c.cache_root) / "ext" / "signatures.csv")
     assert len(sig) and sig[signature_keys(c)].notna().all().all()
+
+
+def test_a_broken_model_gives_a_clear_error_not_empty_signatures(fed_run, tmp_path) -> None:
+    """A global model whose outputs are not finite (a running variance below zero, as a server optimiser
+    that stepped the buffers once made) is refused at the signatures stage, naming site and backbone."""
+    cfg, run_dir = fed_run
+    final = _final_states(run_dir, initial_states(cfg))
+    key = sorted(final)[0]
+    name = next(n for n in final[key] if n.endswith("running_var"))
+    final[key][name] = -final[key][name].abs() - 0.1
+    sites, _ = simulation_sites(cfg)
+    s = sites[0]
+    cache = tmp_path / "cache"
+    shutil.copytree(s["cache_dir"], cache)
+    algo = SiteAlgorithm(s["name"], Path(s["data_dir"]), cache, cfg)
+    with pytest.raises(ValueError, match=rf"site {s['name']}: backbone {key} gives non-finite outputs"):
+        algo.signatures(final)
