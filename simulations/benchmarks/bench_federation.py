@@ -82,10 +82,13 @@ def _verdict(by: pd.DataFrame) -> str:
     local = by[[str(m).startswith("local") for m in by.index]]
     if fed.empty:
         return "federated/pooled external AUC: n/a (no federated run)"
-    best = fed[ext].idxmax()
-    lines = [f"best federated strategy: {best} (external {fed.loc[best, ext]:.3f}, pooled test "
-             f"{fed.loc[best, pooled_col]:.3f}); pooled training {by.loc['pooled', ext]:.3f} / "
-             f"{by.loc['pooled', pooled_col]:.3f}"]
+    ratios = pd.DataFrame({"external/pooled": fed[ext] / by.loc["pooled", ext],
+                           "pooled-test/pooled": fed[pooled_col] / by.loc["pooled", pooled_col]})
+    best = ratios.min(axis=1).idxmax()  # the strategy whose worse ratio is best: both cohorts count
+    lines = ["federated / pooled training, per strategy:", ratios.round(3).to_string(),
+             f"best federated strategy (the higher of the two ratios' minimum): {best} (external "
+             f"{fed.loc[best, ext]:.3f}, pooled test {fed.loc[best, pooled_col]:.3f}); pooled training "
+             f"{by.loc['pooled', ext]:.3f} / {by.loc['pooled', pooled_col]:.3f}"]
     if not local.empty:
         lines.append(f"best single site alone: {local[ext].max():.3f} external, {local[pooled_col].max():.3f} pooled test")
     lines.append(f"federated/pooled pooled-test AUC: {fed.loc[best, pooled_col] / by.loc['pooled', pooled_col]:.3f}")
