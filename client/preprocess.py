@@ -58,7 +58,6 @@ import logging
 import multiprocessing
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -70,6 +69,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from client.atomic import atomic_write
 from client.image_ops import (  # noqa: F401 - re-exported: the preprocessing API
     MaskGeometryError,
     NoMaskError,
@@ -324,21 +324,7 @@ def _err_rel(patient_id: str, timepoint: str, sequence: str) -> str:
     return f"slices/{_safe_name(patient_id)}/{timepoint}_{sequence}.error.json"
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+_atomic_write = atomic_write  # the cache files: whole or not at all
 
 
 def _unlink(path: Path) -> None:

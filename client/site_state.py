@@ -14,15 +14,14 @@ every message runs in a fresh process, so the files are the only memory between 
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from client.atomic import atomic_write
 from shared.records import is_norm_stat
 
 STATE_DIR = "run_state"
@@ -35,15 +34,7 @@ def run_state_dir(cache_dir: Path | str, run_id: str) -> Path:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(data))
 
 
 def save_norm_stats(cache_dir: Path | str, run_id: str, states: dict[str, Any]) -> int:

@@ -608,11 +608,16 @@ def _convergence_warning(table2: pd.DataFrame | None, fusion: pd.DataFrame | Non
             f"with care; see the converged / iterations / gradient-norm columns):<ul>{items}</ul></div>")
 
 
+_NOTE_START = re.compile(r"; (?=[A-Za-z_][\w.]*(?:\[[^\]]*\])?: )")
+"""Where one note of a ``"; "``-joined note cell ends: before the next ``<quantity>: `` (a reason's own
+``;`` stays inside its note)."""
+
+
 def _note_parts(value: Any) -> list[str]:
-    """The sentences of a note cell (``"; "``-joined), empty for a missing note."""
+    """The notes of a note cell, each ``<quantity>: <reason>`` or free text; empty for a missing note."""
     if _missing(value) or not str(value).strip():
         return []
-    return [p.strip() for p in str(value).split("; ") if p.strip()]
+    return [p.strip() for p in _NOTE_START.split(str(value)) if p.strip()]
 
 
 def _img(path: Path, caption: str) -> str:
